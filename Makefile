@@ -1,0 +1,40 @@
+# The two commands a fresh machine needs: `make repro` (the study) and `make test` (every test).
+# Each sets up .venv/ and the system pieces if they are missing, fetches the data, then runs its job.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.rankclip-installed
+
+.PHONY: setup data repro test test-nb test-py lab clean-nbs export
+.DEFAULT_GOAL := test
+
+$(STAMP): pyproject.toml requirements.lock scripts/setup-system.sh
+	bash scripts/setup-system.sh
+	test -x $(BIN)/python || python3 -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (rankclip)" >/dev/null
+	touch $@
+
+setup: $(STAMP)
+
+data: setup
+	$(BIN)/rankclip fetch-data
+
+repro: data
+	$(BIN)/dvc repro
+
+test-nb: data
+	$(BIN)/nbdev-test --n_workers 1
+
+test-py: data
+	$(BIN)/python -m pytest -q
+
+test: test-nb test-py
+
+export: setup
+	$(BIN)/nbdev-export
+	$(BIN)/nbdev-clean
+
+lab: setup
+	$(BIN)/jupyter lab --ip 127.0.0.1 --no-browser --allow-root
