@@ -5,9 +5,10 @@
 # %% auto #0
 __all__ = ['CLIP_MEAN', 'CLIP_STD', 'STUDY_IMAGE_ENCODERS', 'TEXT_ENCODERS', 'ARCHITECTURE_KEYS', 'to_float_nchw', 'preprocess',
            'ImageEncoder', 'ResidualAttentionBlock', 'CausalTextTransformer', 'BidirectionalTextEncoder', 'text_spec',
-           'create_text_encoder', 'DualEncoder', 'create_model', 'load_model', 'forward_flops', 'n_params']
+           'create_text_encoder', 'trim_padding', 'DualEncoder', 'create_model', 'load_model', 'forward_flops',
+           'n_params']
 
-# %% ../nbs/01_models.ipynb #460c5927
+# %% ../nbs/01_models.ipynb #c2d2f718
 import difflib, json, math, os, shutil, tempfile
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .text import TextTokenizer, get_tokenizer
 
-# %% ../nbs/01_models.ipynb #76593c62
+# %% ../nbs/01_models.ipynb #a45f2ab4
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -50,7 +51,7 @@ def preprocess(images: torch.Tensor, size: int, mean=CLIP_MEAN, std=CLIP_STD) ->
     mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (mean, std))
     return (x - mean) / std
 
-# %% ../nbs/01_models.ipynb #19eef994
+# %% ../nbs/01_models.ipynb #14ac3291
 STUDY_IMAGE_ENCODERS = ("resnet50", "resnet101", "densenet121", "resnet18")
 
 def _check_positive(**values):
@@ -80,7 +81,7 @@ class ImageEncoder(nn.Module):
         "Preprocessed pixels (N x 3 x R x R) -> unnormalised embeddings (N x embed_dim)."
         return self.proj(self.trunk(pixels))
 
-# %% ../nbs/01_models.ipynb #70425418
+# %% ../nbs/01_models.ipynb #8c418e51
 class ResidualAttentionBlock(nn.Module):
     "Pre-LN transformer block: causal multi-head self-attention, then a 4x-wide GELU MLP, each residual."
     def __init__(self, width: int, heads: int):
@@ -143,7 +144,7 @@ class CausalTextTransformer(nn.Module):
         end = attention_mask.sum(1) - 1
         return self.proj(x[torch.arange(len(x), device=x.device), end])
 
-# %% ../nbs/01_models.ipynb #480b6dd2
+# %% ../nbs/01_models.ipynb #7704a172
 class BidirectionalTextEncoder(nn.Module):
     "BERT or RoBERTa (random init from its config), pooled at the first token, projected to `embed_dim`."
     def __init__(self, family: str, vocab_size: int, embed_dim: int, width: int = 768, layers: int = 12,
@@ -167,7 +168,7 @@ class BidirectionalTextEncoder(nn.Module):
         "Token ids and mask (N x L) -> unnormalised embeddings (N x embed_dim), from the first token."
         return self.proj(self.hidden_states(input_ids, attention_mask)[:, 0])
 
-# %% ../nbs/01_models.ipynb #fedd2187
+# %% ../nbs/01_models.ipynb #61cf959d
 TEXT_ENCODERS = {
     "clip-12x512": dict(family="clip", layers=12, width=512, heads=8, context_length=77),
     "bert-base": dict(family="bert", layers=12, width=768, heads=12, context_length=512),
@@ -199,7 +200,13 @@ def create_text_encoder(name: str, embed_dim: int, vocab_size: int, pad_id: int 
     if family == "clip": return CausalTextTransformer(vocab_size, embed_dim, **spec)
     return BidirectionalTextEncoder(family, vocab_size, embed_dim, pad_id=pad_id, **spec)
 
-# %% ../nbs/01_models.ipynb #e06a4c7d
+# %% ../nbs/01_models.ipynb #daa8da1e
+def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    "Drop the trailing columns that are padding in every row (right-padded token batches)."
+    n = int(attention_mask.sum(1).max())
+    return input_ids[:, :n], attention_mask[:, :n]
+
+# %% ../nbs/01_models.ipynb #c5c39798
 class DualEncoder(nn.Module):
     "A CLIP dual encoder: image and text encoders into one embedding space, its tokenizer and logit scale."
     def __init__(self, image_encoder: ImageEncoder, text_encoder: nn.Module, tokenizer: TextTokenizer, config: dict):
@@ -226,8 +233,8 @@ class DualEncoder(nn.Module):
     def encode_text(self, texts, normalize: bool = True) -> torch.Tensor:
         "Text embeddings (N x embed_dim) of captions or of `tokenize`'s output, L2-normalised unless `normalize=False`."
         tokens = texts if isinstance(texts, dict) else self.tokenize(texts)
-        x = self.text_encoder(tokens["input_ids"].to(self.device, non_blocking=True),
-                              tokens["attention_mask"].to(self.device, non_blocking=True))
+        ids, mask = trim_padding(tokens["input_ids"], tokens["attention_mask"])
+        x = self.text_encoder(ids.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True))
         return F.normalize(x, dim=-1) if normalize else x
 
     def forward(self, images: torch.Tensor, texts) -> dict:
@@ -235,14 +242,14 @@ class DualEncoder(nn.Module):
         return {"image_features": self.encode_image(images), "text_features": self.encode_text(texts),
                 "logit_scale": self.logit_scale.clamp(0, math.log(100)).exp()}
 
-# %% ../nbs/01_models.ipynb #e59922ce
+# %% ../nbs/01_models.ipynb #a46e27e3
 @patch
 def no_weight_decay_names(self: DualEncoder) -> set[str]:
     "Names of the parameters that get no weight decay: norms, biases, logit scale, embeddings."
     embeddings = {f"{name}.weight" for name, m in self.named_modules() if isinstance(m, nn.Embedding)}
     return {n for n, p in self.named_parameters() if p.ndim < 2 or n in embeddings or n.endswith("positional_embedding")}
 
-# %% ../nbs/01_models.ipynb #be3c4f2e
+# %% ../nbs/01_models.ipynb #22bc967f
 def _resolve_tokenizer(tokenizer, text_encoder: str, spec: dict) -> TextTokenizer:
     "The model's tokenizer: given, loaded from a path, or CLIP's BPE for CLIP text encoders."
     if isinstance(tokenizer, TextTokenizer): return tokenizer
@@ -264,7 +271,7 @@ def create_model(image_encoder: str = "resnet50", text_encoder: str = "clip-12x5
     return DualEncoder(ImageEncoder(image_encoder, embed_dim, image_size),
                        create_text_encoder(text_encoder, embed_dim, tok.vocab_size, tok.pad_id, **overrides), tok, config)
 
-# %% ../nbs/01_models.ipynb #c01a07ca
+# %% ../nbs/01_models.ipynb #e83ed4b6
 @patch
 def save(self: DualEncoder, dir):
     "Write the model (weights, config, tokenizer) to the folder `dir`, replacing it atomically."
@@ -295,7 +302,7 @@ def load_model(dir, device="cpu") -> DualEncoder:
     load_safetensors(model, str(dir/"model.safetensors"))
     return model.to(device)
 
-# %% ../nbs/01_models.ipynb #84bb00ab
+# %% ../nbs/01_models.ipynb #510d2276
 def forward_flops(module: nn.Module, *inputs) -> int:
     "FLOPs of one forward pass of `module` on `inputs`, as `torch.utils.flop_counter` counts them."
     # the counter has no formula for the fused CPU attention kernel; the math kernel is matmuls it counts

@@ -1,0 +1,145 @@
+"""Samples/s of one full training step (forward, loss, backward, AdamW step) of our dual encoder
+against open_clip's own model at the same architecture, resolution and batch, in one run.
+
+    .venv/bin/python bench/train_step.py [--batch 128] [--image-encoder resnet18] [--image-size 32]
+        [--text-encoder clip-2x128] [--steps 20] [--device cpu|cuda]
+
+Prints a markdown table. Measures, never asserts. Both models see the same real emoji images and
+captions (from prepared/ when present, else prepared on the fly from data/).
+"""
+import argparse
+import math
+import statistics
+import time
+
+import numpy as np
+import torch
+
+
+def batches(n_batch, batch, root):
+    "The first n_batch * batch emoji drawings and captions as (uint8 NHWC, captions) batches."
+    from rankclip.data import load_prepared
+    src = load_prepared("emoji", root)
+    imgs = np.array(src.images[: n_batch * batch])
+    caps = src.captions[: n_batch * batch]
+    return [(torch.from_numpy(imgs[i * batch:(i + 1) * batch]), caps[i * batch:(i + 1) * batch]) for i in range(n_batch)]
+
+
+def time_steps(step, data, warmup, sync):
+    "Median seconds per step after `warmup` steps."
+    times = []
+    for i, (images, tokens) in enumerate(data):
+        t0 = time.perf_counter()
+        step(images, tokens)
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def ours(args, device, data):
+    from rankclip.losses import RankCLIPLoss
+    from rankclip.models import create_model
+    from rankclip.train import build_optimizer, TrainConfig
+    torch.manual_seed(0)
+    model = create_model(args.image_encoder, args.text_encoder, args.embed_dim, args.image_size).to(device)
+    opt = build_optimizer(model, TrainConfig())
+    losses = {"clip": RankCLIPLoss(0.0, 0.0), "rankclip": RankCLIPLoss(1 / 16, 1 / 16)}
+    tokenized = [(im, model.tokenize(c)) for im, c in data]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def make(loss):
+        def step(images, tokens):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                out = model(images.to(device), {k: v.to(device) for k, v in tokens.items()})
+            total = loss(out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float())["total"]
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+        return step
+    return {name: make(l) for name, l in losses.items()}, tokenized, model
+
+
+def open_clip_step(args, device, data, our_model):
+    import open_clip
+    from open_clip.loss import ClipLoss
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+    from rankclip.models import text_spec
+    spec = text_spec(args.text_encoder)
+    assert spec["family"] == "clip", "open_clip comparison needs a CLIP text encoder"
+    torch.manual_seed(0)
+    model = open_clip.CLIP(
+        args.embed_dim,
+        CLIPVisionCfg(timm_model_name=args.image_encoder, timm_model_pretrained=False, timm_pool="avg",
+                      timm_proj="linear", image_size=args.image_size),
+        CLIPTextCfg(context_length=spec["context_length"], vocab_size=49408, width=spec["width"],
+                    heads=spec["heads"], layers=spec["layers"])).to(device)
+    tokenizer = open_clip.get_tokenizer("RN50")
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}], lr=5e-4)
+    loss = ClipLoss()
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073], device=device).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711], device=device).view(1, 3, 1, 1)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # open_clip's transforms run per image in DataLoader workers; here the same normalisation runs
+    # batched on the device, so both steps start from uint8 images and token ids.
+    tokenized = [(im, tokenizer(c)) for im, c in data]
+
+    def step(images, tokens):
+        x = images.to(device).permute(0, 3, 1, 2).float().div(255)
+        if x.shape[-1] != args.image_size:
+            x = torch.nn.functional.interpolate(x, size=args.image_size, mode="bicubic", antialias=True)
+        x = (x - mean) / std
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            img, txt, scale = model(x, tokens.to(device))
+        total = loss(img.float(), txt.float(), scale.float())
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+    n_params = sum(p.numel() for p in model.parameters())
+    return step, tokenized, n_params
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--image-encoder", default="resnet18")
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--text-encoder", default="clip-2x128")
+    ap.add_argument("--embed-dim", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--prepared", default="prepared")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    data = batches(args.steps + args.warmup, args.batch, args.prepared)
+
+    steps, ours_data, model = ours(args, device, data)
+    oc_step, oc_data, oc_params = open_clip_step(args, device, data, model)
+    rows = {}
+    # interleave the measurements so that background load hits both alike
+    for name in ("open_clip", "clip", "rankclip", "open_clip_2", "clip_2", "rankclip_2"):
+        base = name.removesuffix("_2")
+        if base == "open_clip":
+            t = time_steps(oc_step, oc_data, args.warmup, sync)
+        else:
+            t = time_steps(steps[base], ours_data, args.warmup, sync)
+        rows.setdefault(base, []).append(t)
+    sec = {k: min(v) for k, v in rows.items()}
+    n_ours = sum(p.numel() for p in model.parameters())
+    print(f"\n{args.image_encoder} {args.image_size}px + {args.text_encoder}, embed {args.embed_dim}, batch {args.batch}, "
+          f"{device} ({torch.get_num_threads()} threads), torch {torch.__version__}; "
+          f"params ours {n_ours / 1e6:.2f} M, open_clip {oc_params / 1e6:.2f} M; median of {args.steps} steps, best of 2 rounds\n")
+    print("| step | s/step | samples/s | vs open_clip |")
+    print("|---|---|---|---|")
+    for name, label in (("open_clip", "open_clip CLIP (ClipLoss)"), ("clip", "rankclip, CLIP loss"),
+                        ("rankclip", "rankclip, RankCLIP loss (1/16, 1/16)")):
+        print(f"| {label} | {sec[name]:.4f} | {args.batch / sec[name]:.0f} | {sec['open_clip'] / sec[name]:.2f}x |")
+    print(f"\nRankCLIP step overhead over our CLIP-only step: {100 * (sec['rankclip'] / sec['clip'] - 1):+.1f}%")
+
+
+if __name__ == "__main__":
+    main()
