@@ -25,7 +25,7 @@ repro: data
 	$(BIN)/dvc repro
 
 test-nb: data
-	$(BIN)/nbdev-test --n_workers 1
+	$(BIN)/nbdev-test
 
 test-py: data
 	$(BIN)/python -m pytest -q
