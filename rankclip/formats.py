@@ -6,9 +6,9 @@ as img2dataset writes them, and local zero-shot classification sets. Robust to b
 # %% auto #0
 __all__ = ['ON_ERROR', 'IMAGE_EXTS', 'ZERO_SHOT_SETS', 'SampleError', 'ImageError', 'Skipped', 'guard', 'Collated',
            'collate_skipping', 'SkipCounter', 'to_rgb', 'load_image', 'CsvImageText', 'expand_shards', 'split_shards',
-           'ShardImageText', 'write_shard', 'load_class_map', 'zero_shot_dataset']
+           'ShardImageText', 'write_shard', 'load_class_map', 'imagenet_classnames', 'zero_shot_dataset']
 
-# %% ../nbs/00a_formats.ipynb #63dda18b
+# %% ../nbs/00a_formats.ipynb #f697ed3b
 import csv, io, json, os, re, tarfile, warnings
 from contextlib import contextmanager
 from functools import partial
@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from torch.utils.data.dataloader import default_collate
 
-# %% ../nbs/00a_formats.ipynb #ee0274db
+# %% ../nbs/00a_formats.ipynb #fffba9f5
 class SampleError(ValueError):
     "A bad sample: the message names the problem, `where` it is and the fix."
     def __init__(self, reason: str, where: str, detail: str = "", fix: str = ""):
@@ -31,7 +31,7 @@ class SampleError(ValueError):
 class ImageError(SampleError):
     "An image that is missing, cannot be decoded, or is larger than the pixel limit."
 
-# %% ../nbs/00a_formats.ipynb #a98fcc7a
+# %% ../nbs/00a_formats.ipynb #84e56003
 class Skipped(NamedTuple):
     "A sample left out: why and where."
     reason: str
@@ -49,7 +49,7 @@ def guard(on_error: str, fn: Callable, *args, **kwargs):
         if on_error == "raise": raise
         return Skipped(e.reason, e.where)
 
-# %% ../nbs/00a_formats.ipynb #66f3b96c
+# %% ../nbs/00a_formats.ipynb #d9f50ba2
 class Collated(NamedTuple):
     "A collated batch of the good samples, their number, and the skipped records."
     batch: object
@@ -61,7 +61,7 @@ def collate_skipping(samples: list, collate: Callable = default_collate) -> Coll
     good = [s for s in samples if not isinstance(s, Skipped)]
     return Collated(collate(good) if good else None, len(good), [s for s in samples if isinstance(s, Skipped)])
 
-# %% ../nbs/00a_formats.ipynb #f5c0e499
+# %% ../nbs/00a_formats.ipynb #b01b743d
 class SkipCounter:
     "Count samples seen and skipped (by reason); `report()` for the end of a run."
     def __init__(self, max_names: int = 3): self.seen, self.skipped, self.max_names = 0, [], max_names
@@ -89,7 +89,7 @@ class SkipCounter:
 
     __str__ = report
 
-# %% ../nbs/00a_formats.ipynb #199e9473
+# %% ../nbs/00a_formats.ipynb #c72ac119
 _WIDE = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 def to_rgb(im: Image.Image, background=(255, 255, 255)) -> Image.Image:
@@ -101,7 +101,7 @@ def to_rgb(im: Image.Image, background=(255, 255, 255)) -> Image.Image:
     rgba = im.convert("RGBA")
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba).convert("RGB")
 
-# %% ../nbs/00a_formats.ipynb #69b5b9a8
+# %% ../nbs/00a_formats.ipynb #5abf5b63
 _PILLOW_LIMIT = "Pillow's Image.MAX_IMAGE_PIXELS"
 
 @contextmanager
@@ -141,7 +141,7 @@ def load_image(src: str | Path | bytes, name: str | None = None, max_pixels: int
         raise ImageError("corrupt image", name, f"{type(e).__name__}: {e}",
                          "re-download or re-encode the file, or pass on_error='skip' to skip it") from e
 
-# %% ../nbs/00a_formats.ipynb #eeeae1ee
+# %% ../nbs/00a_formats.ipynb #1c846cdd
 def _csv_sep(path: Path, sep: str | None) -> str:
     return sep if sep is not None else ("," if path.suffix.lower() == ".csv" else "\t")
 
@@ -200,7 +200,7 @@ class CsvImageText(Dataset):
         if i in self.problems: return self.problems[i]
         return guard(self.on_error, self._load, i)
 
-# %% ../nbs/00a_formats.ipynb #cda06af5
+# %% ../nbs/00a_formats.ipynb #7257d394
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
 def _expand(pattern: str) -> list[str]:
@@ -220,12 +220,12 @@ def expand_shards(urls: str | Path | Iterable) -> list[str]:
     if isinstance(urls, (str, Path)): urls = [urls]
     return [s for u in urls for s in _expand(str(u))]
 
-# %% ../nbs/00a_formats.ipynb #9cf0dc08
+# %% ../nbs/00a_formats.ipynb #27c25355
 def split_shards(shards: list, rank: int = 0, world_size: int = 1, worker: int = 0, num_workers: int = 1) -> list:
     "The shards that DataLoader `worker` (of `num_workers`) on `rank` (of `world_size`) reads."
     return shards[rank::world_size][worker::num_workers]
 
-# %% ../nbs/00a_formats.ipynb #7d15443e
+# %% ../nbs/00a_formats.ipynb #0c246a56
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 def _key_ext(member: str) -> tuple[str, str]:
@@ -285,7 +285,7 @@ class ShardImageText(IterableDataset):
         image = load_image(group[ext], f"{where}.{ext}", self.max_pixels)
         return (self.transform(image) if self.transform else image), caption
 
-# %% ../nbs/00a_formats.ipynb #634924c0
+# %% ../nbs/00a_formats.ipynb #b13e9d22
 def write_shard(path: str | Path, samples: Iterable[tuple[str, dict[str, bytes]]]):
     "Write `(key, {ext: bytes})` samples to the tar shard `path` (atomically), as img2dataset lays them out."
     path = Path(path); part = path.with_name(path.name + ".tmp")
@@ -296,7 +296,7 @@ def write_shard(path: str | Path, samples: Iterable[tuple[str, dict[str, bytes]]
                 tar.addfile(info, io.BytesIO(data))
     os.replace(part, path)
 
-# %% ../nbs/00a_formats.ipynb #b83d72fa
+# %% ../nbs/00a_formats.ipynb #1be63487
 def load_class_map(source: str | Path | dict) -> dict[str, str]:
     "Folder name -> class name, from a dict, a JSON object file, or a text file of `<folder> <name>` lines."
     if isinstance(source, dict): return source
@@ -311,7 +311,7 @@ def load_class_map(source: str | Path | dict) -> dict[str, str]:
         pairs[folder] = name.strip()
     return pairs
 
-# %% ../nbs/00a_formats.ipynb #073f6420
+# %% ../nbs/00a_formats.ipynb #480e228b
 from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
 
 def _cifar(cls, root: Path, split: str, transform, class_map=None):
@@ -339,10 +339,20 @@ def _folder(folder: Path, transform, class_map=None, what="imagefolder"):
     if missing: raise ValueError(f"{what}: class_map lacks {len(missing)} folders of {folder}: {', '.join(missing[:5])}")
     return ds, [names[c] for c in ds.classes]
 
+def imagenet_classnames() -> list[str]:
+    "ImageNet-1k's 1,000 class names as CLIP's prompts use them, in class-index (sorted WordNet id) order."
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES  # the list ships in the pinned open-clip-torch wheel
+    return list(IMAGENET_CLASSNAMES)
+
 def _imagenet(root: Path, split: str, transform, class_map=None):
     split = "val" if split == "test" else split
     if split not in ("train", "val"): raise ValueError(f"imagenet: split={split!r}, use 'val' (or its alias 'test') or 'train'")
-    return _folder(root/split, transform, class_map, "imagenet")
+    folder = root/split
+    if class_map is None and folder.is_dir():
+        wnids = sorted(d.name for d in folder.iterdir() if d.is_dir())
+        if len(wnids) == 1000 and all(re.fullmatch(r"n\d{8}", w) for w in wnids):
+            class_map = dict(zip(wnids, imagenet_classnames()))
+    return _folder(folder, transform, class_map, "imagenet")
 
 def _imagefolder(root: Path, split: str, transform, class_map=None):
     return _folder(root/split if split and (root/split).is_dir() else root, transform, class_map)
