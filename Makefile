@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.rankclip-installed
 
-.PHONY: setup data repro test test-nb test-py lab clean-nbs export
+.PHONY: setup data repro test test-nb test-py lab export docs
 .DEFAULT_GOAL := test
 
 $(STAMP): pyproject.toml requirements.lock scripts/setup-system.sh
@@ -35,6 +35,9 @@ test: test-nb test-py
 export: setup
 	$(BIN)/nbdev-export
 	$(BIN)/nbdev-clean
+
+docs: data
+	$(BIN)/python docs/build.py
 
 lab: setup
 	$(BIN)/jupyter lab --ip 127.0.0.1 --no-browser --allow-root

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# System pieces the data needs, from Debian: libcairo2 (cairosvg rasterises OpenMoji and Tux Paint
-# SVGs), apt/dpkg (present on Debian) and npm (fetches the emoji packages). Installs only what is missing.
+# System pieces from Debian: libcairo2 (cairosvg rasterises OpenMoji and Tux Paint SVGs), npm (fetches
+# the emoji packages and KaTeX for the docs), chromium (the docs test). Installs only what is missing.
 set -euo pipefail
 missing=()
 dpkg -s libcairo2 >/dev/null 2>&1 || missing+=(libcairo2)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)  # the docs test looks at the site in a real browser
 command -v python3 >/dev/null 2>&1 || missing+=(python3 python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
