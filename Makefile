@@ -5,6 +5,8 @@ SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.rankclip-installed
+# DVC stages call `rankclip` and `papermill` by name: the project's environment comes first on PATH.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: setup data repro test test-nb test-py lab export docs
 .DEFAULT_GOAL := test
