@@ -6,7 +6,7 @@ missing=()
 dpkg -s libcairo2 >/dev/null 2>&1 || missing+=(libcairo2)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)  # the docs test looks at the site in a real browser
-command -v python3 >/dev/null 2>&1 || missing+=(python3 python3-venv)
+{ command -v python3 >/dev/null 2>&1 && python3 -c "import ensurepip, venv" 2>/dev/null; } || missing+=(python3 python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: missing Debian packages: ${missing[*]}; run as root or 'sudo apt-get install ${missing[*]}'" >&2
