@@ -4,15 +4,15 @@
 
 # %% auto #0
 __all__ = ['COMMANDS', 'load_params', 'parse_value', 'command', 'fetch_data_command', 'prepare_command', 'train_command',
-           'evaluate_command', 'build_parser', 'main']
+           'evaluate_command', 'study_command', 'build_parser', 'main']
 
-# %% ../nbs/09_cli.ipynb #39d85134
+# %% ../nbs/09_cli.ipynb #2cd0d1d8
 import argparse, re, sys, time
 from pathlib import Path
 
 import yaml
 
-# %% ../nbs/09_cli.ipynb #389df464
+# %% ../nbs/09_cli.ipynb #45752450
 def load_params(path="params.yaml", overrides=()) -> dict:
     "params.yaml at `path` (empty if absent) with `key.sub=value` `overrides` applied."
     p = Path(path)
@@ -32,7 +32,7 @@ def parse_value(text: str):
     is_exp = isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value)
     return float(value) if is_exp else value
 
-# %% ../nbs/09_cli.ipynb #7139decc
+# %% ../nbs/09_cli.ipynb #0ce3fd38
 COMMANDS = {}
 
 def command(name: str, *options: tuple[tuple, dict]):
@@ -42,7 +42,7 @@ def command(name: str, *options: tuple[tuple, dict]):
         return f
     return register
 
-# %% ../nbs/09_cli.ipynb #1ef3cc96
+# %% ../nbs/09_cli.ipynb #b91385c4
 @command("fetch-data",
          (("--data",), dict(default="data", help="folder for the fetched sources (default: data)")),
          (("--dvc-file",), dict(default="data.dvc", help="DVC file the folder is checked against")))
@@ -53,7 +53,7 @@ def fetch_data_command(args, params):
     for source, status in fetch_data(args.data, dvc_file=args.dvc_file).items(): print(f"{source}: {status}")
     print(f"fetch-data: done in {time.perf_counter() - t0:.1f} s")
 
-# %% ../nbs/09_cli.ipynb #8286378d
+# %% ../nbs/09_cli.ipynb #a13c9793
 @command("prepare",
          (("--data",), dict(default="data", help="folder of the fetched sources")),
          (("--out",), dict(default="prepared", help="folder for the prepared arrays")),
@@ -67,7 +67,7 @@ def prepare_command(args, params):
     for source, info in prepare(args.data, args.out, size, args.source, args.limit, args.workers).items():
         print(f"{source}: {info['count']} images {info['shape']} in {info['seconds']} s")
 
-# %% ../nbs/09_cli.ipynb #b6a70ad5
+# %% ../nbs/09_cli.ipynb #264462db
 @command("train")
 def train_command(args, params):
     "Train a dual encoder (CLIP, RankCLIP or CyCLIP) from the `train` section of the params file."
@@ -80,7 +80,7 @@ def train_command(args, params):
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))
 
-# %% ../nbs/09_cli.ipynb #a64a631b
+# %% ../nbs/09_cli.ipynb #6f08011b
 @command("evaluate", (("args",), dict(nargs=argparse.REMAINDER, metavar="CHECKPOINT [options]",
                                       help="a saved model folder, then evaluate's options (see rankclip evaluate x --help)")))
 def evaluate_command(args, params):
@@ -88,7 +88,16 @@ def evaluate_command(args, params):
     from rankclip.evaluate import evaluate_main
     evaluate_main(args.args)
 
-# %% ../nbs/09_cli.ipynb #f6a94575
+# %% ../nbs/09_cli.ipynb #2ac2af7c
+@command("study", (("args",), dict(nargs=argparse.REMAINDER, metavar="STEP [args]",
+                                   help="strip SRC DST | tokenizers | plan [CELL ...]")))
+def study_command(args, params):
+    "Steps of the study pipeline: strip an experiment notebook, train tokenizers, print a cell's plan."
+    from rankclip.study import StudyError, study_main
+    try: study_main(args.args, params)
+    except StudyError as e: raise SystemExit(f"rankclip study: {e}")
+
+# %% ../nbs/09_cli.ipynb #fa7edf8e
 def build_parser() -> argparse.ArgumentParser:
     "The argument parser with one subparser per registered command."
     common = argparse.ArgumentParser(add_help=False)

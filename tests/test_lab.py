@@ -165,7 +165,7 @@ def test_every_library_module_imports_in_kernel():
                 "           if not hasattr(importlib.import_module('rankclip.' + m), n)] for m in mods}\n"
                 "print(json.dumps(res))")
         out = []
-        reply = kc.execute_interactive(code, timeout=300, output_hook=lambda m: out.append(m["content"].get("text", "")) if m["msg_type"] == "stream" else None)
+        reply = kc.execute_interactive(code, timeout=300, output_hook=lambda m: out.append(m["content"].get("text", "")) if m["msg_type"] == "stream" and m["content"].get("name") == "stdout" else None)
         assert reply["content"]["status"] == "ok", reply["content"]
         missing = json.loads("".join(out).strip().splitlines()[-1])
         assert set(missing) == set(modules) and not any(missing.values()), missing

@@ -1,0 +1,158 @@
+"""The study pipeline end to end: `dvc repro` of the smoke profile in a temporary copy of the repository,
+then no-op reproduction, and a one-lambda change that makes exactly one cell stale."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+CELL = "lambda_c32_i32"
+
+
+def sh(args, cwd, check=True, timeout=600):
+    "Run a command with the project's environment first on PATH; return the completed process."
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    r = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode:
+        raise AssertionError(f"{' '.join(map(str, args))} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
+    return r
+
+
+def keep_cells(text: str, cells: set[str]) -> str:
+    "params.yaml text with only `cells` left under study.cells (one cell per line, as the file writes them)."
+    out, inside = [], False
+    for line in text.splitlines(keepends=True):
+        if re.match(r"^\S", line): inside = False
+        if line.startswith("  cells:"): inside = True
+        m = re.match(r"^    (\w+): \{", line)
+        if not (inside and m and m.group(1) not in cells): out.append(line)
+    return "".join(out)
+
+
+def copy_repo(dst: Path, cells: set[str]) -> Path:
+    """The working tree's tracked and unignored files (no results), data/ and prepared/ (with the prepare stage's
+    lock entry when the repository has one), as a fresh git repository running the smoke profile on `cells`."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.splitlines()
+    for f in files:
+        if f.startswith("results/") or f == "dvc.lock" or not (ROOT / f).is_file():
+            continue
+        (dst / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, dst / f)
+    for d in ("data", "prepared"):
+        shutil.copytree(ROOT / d, dst / d)
+    lock = ROOT / "dvc.lock"
+    if lock.exists() and "prepare" in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}):
+        entry = yaml.safe_load(lock.read_text())["stages"]["prepare"]
+        (dst / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"prepare": entry}}, sort_keys=False))
+    text = re.sub(r"(?m)^profile: \w+", "profile: smoke", (dst / "params.yaml").read_text())
+    (dst / "params.yaml").write_text(keep_cells(text, cells))
+    for args in (["git", "init", "-q"], ["git", "add", "-A"],
+                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
+        sh(args, dst)
+    return dst
+
+
+def stale_stages(repo: Path) -> set[str]:
+    "Names of the stages `dvc status` reports as changed."
+    return set(json.loads(sh(["dvc", "status", "--json"], repo).stdout or "{}"))
+
+
+def test_experiment_notebooks_keep_their_parameters_tag():
+    for name in ("run", "report"):
+        nb = nbformat.read(ROOT / "nbs" / "experiments" / f"{name}.ipynb", as_version=4)
+        tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(tagged) == 1, f"nbs/experiments/{name}.ipynb: needs exactly one cell tagged 'parameters'"
+        assert not any("nbdev_export" in c.source for c in nb.cells)
+
+
+def test_every_cell_becomes_a_stage_with_its_own_params():
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    r = sh(["dvc", "stage", "list", "--name-only"], ROOT)
+    stages = set(r.stdout.split())
+    cells = set(params["study"]["cells"])
+    assert {f"run@{c}" for c in cells} <= stages and {"prepare", "tokenizers", "report"} <= stages
+    assert len(cells) == 5 + 8 + 8  # baselines/variants, the 3x3 lambda grid less its (1/16, 1/16) centre, 4 encoders x 2 losses
+    grid = {(c["lambda_cross"], c["lambda_in"]) for c in params["study"]["cells"].values() if "lambda_cross" in c and "lambda_in" in c}
+    assert {(a, b) for a in (1 / 16, 1 / 32, 1 / 64) for b in (1 / 16, 1 / 32, 1 / 64)} - {(1 / 16, 1 / 16)} <= grid
+
+
+# The whole smoke grid (21 cells) takes longer than a test should (a kernel start and imports per cell):
+# the test runs one cell of each kind: the two main cells (3 seeds), a lambda-grid cell, a BERT cell.
+CELLS = {"clip", "rankclip", CELL, "bert_clip"}
+
+
+def test_keep_cells_leaves_other_sections_alone():
+    text = (ROOT / "params.yaml").read_text()
+    kept = yaml.safe_load(keep_cells(text, CELLS))
+    full = yaml.safe_load(text)
+    assert set(kept["study"]["cells"]) == CELLS
+    assert {k: v for k, v in kept.items() if k != "study"} == {k: v for k, v in full.items() if k != "study"}
+
+
+def test_smoke_pipeline_reproduces_and_reruns_only_the_changed_cell(tmp_path):
+    repo = copy_repo(tmp_path / "repo", CELLS)
+    t0 = time.perf_counter()
+    r = sh(["dvc", "repro"], repo)
+    first = time.perf_counter() - t0
+    print(f"smoke dvc repro: {first:.0f} s")
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    cells = list(params["study"]["cells"])
+    for c in cells:
+        m = json.loads((repo / "results" / "runs" / c / "metrics.json").read_text())
+        seeds = [k for k in m if k.startswith("seed")]
+        expected = params["profiles"]["smoke"]["seeds"][params["study"]["cells"][c].get("seeds", "ablation")]
+        assert seeds == [f"seed{s}" for s in expected], (c, seeds)
+        assert 0 <= m["mean"]["heldout_vendor.zero_shot.emoji"]["top1"] <= 1
+        run = json.loads((repo / "results" / "runs" / c / "seeds" / "seed0" / "run.json").read_text())
+        assert run["profile"] == "smoke" and run["cell"] == c
+        assert (repo / "results" / "runs" / c / "curves" / "seed0" / "train" / "total.tsv").exists()
+        nb = nbformat.read(repo / "results" / "runs" / c / "run.ipynb", as_version=4)
+        assert any("injected-parameters" in cell.metadata.get("tags", []) for cell in nb.cells)
+    bert = json.loads((repo / "results" / "runs" / "bert_clip" / "seeds" / "seed0" / "run.json").read_text())
+    assert bert["config"]["text_encoder"] == "bert-4x256" and bert["config"]["tokenizer"] == "runs/tokenizers/bert"
+    summary = json.loads((repo / "results" / "report" / "summary.json").read_text())
+    assert set(summary) == CELLS and summary["clip"]["heldout_vendor.zero_shot.emoji.top1"]["n"] == 3
+    for f in ("lambda_grid", "architectures", "modality_gap", "training_curves"):
+        assert (repo / "results" / "report" / "figures" / f"{f}.png").stat().st_size > 5000
+    assert "paired" in (repo / "results" / "report" / "tables" / "paired_differences.md").read_text()
+
+    assert stale_stages(repo) == set()
+    again = sh(["dvc", "repro"], repo)
+    assert "Running stage" not in again.stdout, again.stdout
+
+    text = (repo / "params.yaml").read_text()
+    line = re.search(rf"(?m)^    {CELL}: .*lambda_in: 0\.03125", text)
+    assert line, f"params.yaml: no line for cell {CELL} with lambda_in 0.03125"
+    (repo / "params.yaml").write_text(text.replace(line.group(0), line.group(0).replace("lambda_in: 0.03125", "lambda_in: 0.0078125")))
+    changed = yaml.safe_load((repo / "params.yaml").read_text())["study"]["cells"][CELL]
+    assert (changed["lambda_cross"], changed["lambda_in"]) == (0.03125, 0.0078125)
+    assert stale_stages(repo) == {f"run@{CELL}", "report"}  # the report reads every cell's parameters
+    r = sh(["dvc", "repro"], repo)
+    ran = set(re.findall(r"Running stage '([^']+)'", r.stdout))
+    assert ran == {f"run@{CELL}", "report"}, r.stdout
+    run = json.loads((repo / "results" / "runs" / CELL / "seeds" / "seed0" / "run.json").read_text())
+    assert run["config"]["lambda_in"] == 0.0078125
+    print(f"smoke dvc repro: {first:.0f} s, rerun of one cell: {time.perf_counter() - t0 - first:.0f} s")
+
+    # a broken cell fails its own stage with the notebook's error and keeps the executed notebook; nothing else is lost
+    text = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text(text.replace("  cells:\n", "  cells:\n    broken: {loss: rankclip, lambda_in: -1}\n", 1))
+    r = sh(["dvc", "repro", "--keep-going"], repo, check=False)
+    assert r.returncode != 0 and "lambda_in" in r.stdout + r.stderr
+    failed = nbformat.read(repo / "results" / "runs" / "broken" / "run.ipynb", as_version=4)
+    assert any(o.get("output_type") == "error" and "lambda_in" in o.get("evalue", "") for c in failed.cells
+               for o in c.get("outputs", []))
+    assert stale_stages(repo) == {"run@broken", "report"}
+    assert all((repo / "results" / "runs" / c / "metrics.json").exists() for c in CELLS)
+
