@@ -7,6 +7,7 @@ import queue as queue_module
 import socket
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -355,8 +356,10 @@ def _worker(rank, world_size, port, result_queue):
                 terms = loss(lu, lv, 20.0)
                 terms["total"].backward()
                 full = loss_cls(local_loss=False, gather_with_grad=with_grad, rank=rank, world_size=world_size)
-                out[loss_cls.__name__, with_grad] = ({k: t.item() for k, t in terms.items()}, lu.grad, lv.grad,
-                                                     full(u[rows], v[rows], 20.0)["total"].item())
+                # gradients travel as NumPy arrays: pickled by value, they do not depend on this process
+                # staying alive to share its memory, as torch tensors in a queue would
+                out[loss_cls.__name__, with_grad] = ({k: t.item() for k, t in terms.items()}, lu.grad.numpy(),
+                                                     lv.grad.numpy(), full(u[rows], v[rows], 20.0)["total"].item())
         result_queue.put((rank, out))
     finally:
         dist.destroy_process_group()
@@ -391,7 +394,7 @@ def test_two_process_local_loss_and_gradients():
                 assert (r0[0][k] + r1[0][k]) / 2 == pytest.approx(t.item(), rel=1e-10), k
             assert r0[3] == pytest.approx(whole["total"].item(), rel=1e-10)  # local_loss=False: the whole loss
             if with_grad:  # all_gather with gradient: each rank's features get d(sum of local losses) = 2 * d(global)
-                assert torch.allclose(torch.cat([r0[1], r1[1]]), 2 * gu.grad)
-                assert torch.allclose(torch.cat([r0[2], r1[2]]), 2 * gv.grad)
+                assert torch.allclose(torch.from_numpy(np.concatenate([r0[1], r1[1]])), 2 * gu.grad)
+                assert torch.allclose(torch.from_numpy(np.concatenate([r0[2], r1[2]])), 2 * gv.grad)
             else:  # gathered copies are constants: only the local loss reaches the local features
-                assert not torch.allclose(torch.cat([r0[1], r1[1]]), 2 * gu.grad)
+                assert not torch.allclose(torch.from_numpy(np.concatenate([r0[1], r1[1]])), 2 * gu.grad)

@@ -39,7 +39,7 @@ def keep_cells(text: str, cells: set[str]) -> str:
 
 
 def copy_repo(dst: Path, cells: set[str]) -> Path:
-    """The working tree's tracked and unignored files (no results), data/ and prepared/ (with the prepare stage's
+    """The working tree's tracked and unignored files (no results), data/ and prepared/ if present (with the prepare stage's
     lock entry when the repository has one), as a fresh git repository running the smoke profile on `cells`."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
                            text=True, check=True).stdout.splitlines()
@@ -48,10 +48,13 @@ def copy_repo(dst: Path, cells: set[str]) -> Path:
             continue
         (dst / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / f, dst / f)
-    for d in ("data", "prepared"):
-        shutil.copytree(ROOT / d, dst / d)
-    lock = ROOT / "dvc.lock"
-    if lock.exists() and "prepare" in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}):
+    shutil.copytree(ROOT / "data", dst / "data")
+    if not (ROOT / "prepared").is_dir():  # a fresh clone: the copy's pipeline runs its prepare stage itself
+        lock = None
+    else:
+        shutil.copytree(ROOT / "prepared", dst / "prepared")
+        lock = ROOT / "dvc.lock"
+    if lock is not None and lock.exists() and "prepare" in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}):
         entry = yaml.safe_load(lock.read_text())["stages"]["prepare"]
         (dst / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"prepare": entry}}, sort_keys=False))
     text = re.sub(r"(?m)^profile: \w+", "profile: smoke", (dst / "params.yaml").read_text())
