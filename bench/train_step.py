@@ -8,7 +8,6 @@ Prints a markdown table. Measures, never asserts. Both models see the same real 
 captions (from prepared/ when present, else prepared on the fly from data/).
 """
 import argparse
-import math
 import statistics
 import time
 

@@ -5,7 +5,6 @@
 # %% ../nbs/03_train.ipynb #6d58186f
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math

@@ -1,5 +1,5 @@
 """Bad-input and multi-process checks of rankclip.formats; every malformed input is built here, in tmp_path."""
-import io, json, os, socket, subprocess, sys, tarfile, textwrap, warnings
+import io, json, socket, subprocess, sys, textwrap, warnings
 
 import numpy as np
 import pytest

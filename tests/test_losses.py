@@ -2,7 +2,6 @@
 normalisation and CyCLIP's formula, plus properties, precision, skipped work and a real 2-process run."""
 import itertools
 import math
-import os
 import queue as queue_module
 import socket
 import time
@@ -15,7 +14,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from rankclip.losses import (CyCLIPLoss, RankCLIPLoss, allrank_listmle, clip_loss, contrastive_labels,
-                             official_ramp_weight, plackett_luce_nll, position_decay_weights)
+                             official_ramp_weight, plackett_luce_nll)
 
 E = math.exp
 

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import nbformat
-import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]

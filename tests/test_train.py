@@ -2,14 +2,12 @@
 corrupt checkpoints, and real learning on the embedded data."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
