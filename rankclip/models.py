@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['CLIP_MEAN', 'CLIP_STD', 'STUDY_IMAGE_ENCODERS', 'TEXT_ENCODERS', 'ARCHITECTURE_KEYS', 'to_float_nchw', 'preprocess',
            'ImageEncoder', 'ResidualAttentionBlock', 'CausalTextTransformer', 'BidirectionalTextEncoder', 'text_spec',
-           'create_text_encoder', 'trim_padding', 'DualEncoder', 'create_model', 'load_model', 'forward_flops',
-           'n_params']
+           'create_text_encoder', 'trim_padding', 'length_groups', 'DualEncoder', 'create_model', 'load_model',
+           'forward_flops', 'n_params']
 
 # %% ../nbs/01_models.ipynb #c2d2f718
 import difflib, json, math, os, shutil, tempfile
@@ -206,13 +206,22 @@ def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple
     n = int(attention_mask.sum(1).max())
     return input_ids[:, :n], attention_mask[:, :n]
 
-# %% ../nbs/01_models.ipynb #c5c39798
+# %% ../nbs/01_models.ipynb #ed87d48e
+def length_groups(attention_mask: torch.Tensor, min_group: int = 32, max_groups: int = 4) -> list[torch.Tensor]:
+    "Row indices of the batch split into up to `max_groups` groups of similar caption length (ascending)."
+    n = attention_mask.shape[0]
+    k = max(1, min(max_groups, n // max(1, min_group)))
+    order = torch.argsort(attention_mask.sum(1), stable=True)
+    return list(order.tensor_split(k)) if k > 1 else [order]
+
+# %% ../nbs/01_models.ipynb #f801ca6d
 class DualEncoder(nn.Module):
     "A CLIP dual encoder: image and text encoders into one embedding space, its tokenizer and logit scale."
     def __init__(self, image_encoder: ImageEncoder, text_encoder: nn.Module, tokenizer: TextTokenizer, config: dict):
         super().__init__()
         self.image_encoder, self.text_encoder, self.tokenizer, self.config = image_encoder, text_encoder, tokenizer, config
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.length_grouping = True  # encode captions in groups of similar length (same result, less padding)
 
     @property
     def device(self) -> torch.device: return self.logit_scale.device
@@ -233,8 +242,16 @@ class DualEncoder(nn.Module):
     def encode_text(self, texts, normalize: bool = True) -> torch.Tensor:
         "Text embeddings (N x embed_dim) of captions or of `tokenize`'s output, L2-normalised unless `normalize=False`."
         tokens = texts if isinstance(texts, dict) else self.tokenize(texts)
-        ids, mask = trim_padding(tokens["input_ids"], tokens["attention_mask"])
-        x = self.text_encoder(ids.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True))
+        ids, mask = tokens["input_ids"], tokens["attention_mask"]
+        groups = length_groups(mask) if self.length_grouping else [None]
+        parts = []
+        for rows in groups:
+            g_ids, g_mask = trim_padding(ids, mask) if rows is None else trim_padding(ids[rows], mask[rows])
+            parts.append(self.text_encoder(g_ids.to(self.device, non_blocking=True), g_mask.to(self.device, non_blocking=True)))
+        if len(parts) == 1 and groups[0] is None:
+            x = parts[0]
+        else:
+            x = torch.cat(parts)[torch.argsort(torch.cat(groups)).to(self.device)]
         return F.normalize(x, dim=-1) if normalize else x
 
     def forward(self, images: torch.Tensor, texts) -> dict:
