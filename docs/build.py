@@ -86,8 +86,9 @@ def sha256(*parts) -> str:
 
 
 def library_hash(root: Path = ROOT) -> str:
-    "Hash of the rankclip package sources: executed notebooks go stale when the library changes."
-    files = sorted((root / "rankclip").rglob("*.py"))
+    """Hash of the rankclip package sources and of the study's report tables (the overview page shows the headline):
+    executed notebooks go stale when either changes."""
+    files = sorted((root / "rankclip").rglob("*.py")) + sorted((root / "results" / "report").glob("*.md"))
     return sha256(*(f"{f.relative_to(root)}\0".encode() + f.read_bytes() for f in files))
 
 

@@ -203,6 +203,7 @@ PAGE_FACTS = """(() => {
     figures: [...main.querySelectorAll('.jp-OutputArea-output img, .jp-RenderedImage img')].map(i =>
         ({complete: i.complete, width: i.naturalWidth, height: i.naturalHeight})),
     images: [...document.images].map(i => ({src: i.src.slice(0, 60), ok: i.complete && i.naturalWidth > 0})),
+    tables: [...main.querySelectorAll('table')].map(t => t.innerText.slice(0, 4000)),
     height: document.documentElement.scrollHeight,
   };
 })()"""
@@ -295,6 +296,20 @@ def test_figures_appear(browsed):
     for page, r in browsed.items():
         assert len(r["figures"]) == image_outputs(page), f"{page}: {len(r['figures'])} figures shown, {image_outputs(page)} made"
     assert len(browsed["data_card.html"]["figures"]) >= 1 and sum(len(r["figures"]) for r in browsed.values()) >= 3
+
+
+def test_results_pages_show_the_pipelines_tables(browsed):
+    "The overview shows the report's headline table as a table; the report page its tables and figures."
+    head = ROOT / "results/report/headline.md"
+    if not head.is_file():
+        assert "report.html" not in browsed
+        return
+    first_row = next(l for l in head.read_text().splitlines() if l.startswith("| RankCLIP "))
+    cells = [c.strip() for c in first_row.strip("|").split("|")]
+    shown = [t for t in browsed["index.html"]["tables"] if "RankCLIP" in t]
+    assert shown and all(c in shown[0] for c in cells[1:]), (cells, shown[:1])
+    report = browsed["report.html"]
+    assert len(report["tables"]) >= 4 and len(report["figures"]) >= 4
 
 
 def png_size(path: Path) -> tuple[int, int]:

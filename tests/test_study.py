@@ -133,6 +133,13 @@ def test_smoke_pipeline_reproduces_and_reruns_only_the_changed_cell(tmp_path):
     again = sh(["dvc", "repro"], repo)
     assert "Running stage" not in again.stdout, again.stdout
 
+    # DVC's own views work offline: metrics and the plots page, whose scripts are inlined (.dvc/config's template)
+    assert "heldout_vendor.zero_shot.emoji.top1" in sh(["dvc", "metrics", "show", "--json"], repo).stdout
+    sh(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], repo)
+    page = (tmp_path / "plots" / "index.html").read_text()
+    assert "vega-embed" in page and "vegaEmbed(" in page and "total.tsv" in page
+    assert not re.search(r"""<(script|link|img)\b[^>]*(src|href)\s*=\s*["']?(https?:)?//""", page, re.I)
+
     text = (repo / "params.yaml").read_text()
     line = re.search(rf"(?m)^    {CELL}: .*lambda_in: 0\.03125", text)
     assert line, f"params.yaml: no line for cell {CELL} with lambda_in 0.03125"
