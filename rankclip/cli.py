@@ -7,8 +7,8 @@ __all__ = ['COMMANDS', 'HEADLINE_START', 'HEADLINE_END', 'load_params', 'parse_v
            'prepare_command', 'train_command', 'evaluate_command', 'study_command', 'replace_block', 'readme_command',
            'build_parser', 'main']
 
-# %% ../nbs/09_cli.ipynb #18d0f20e
-import argparse, os, re, sys, time
+# %% ../nbs/09_cli.ipynb #0c904aca
+import argparse, re, sys, time
 from pathlib import Path
 
 import yaml
@@ -98,7 +98,7 @@ def study_command(args, params):
     try: study_main(args.args, params)
     except StudyError as e: raise SystemExit(f"rankclip study: {e}")
 
-# %% ../nbs/09_cli.ipynb #63985174
+# %% ../nbs/09_cli.ipynb #86c2e34d
 HEADLINE_START, HEADLINE_END = "<!-- headline:start -->", "<!-- headline:end -->"
 
 def replace_block(text: str, block: str, start: str = HEADLINE_START, end: str = HEADLINE_END, where: str = "README.md") -> str:
@@ -127,7 +127,8 @@ def readme_command(args, params):
         if new != old: raise SystemExit(f"{readme}: the results table differs from {head}: run `rankclip readme`")
         print(f"{readme}: results table equals {head}")
     elif new != old:
-        tmp = readme.with_name(readme.name + ".tmp"); tmp.write_text(new); os.replace(tmp, readme)
+        from rankclip.evaluate import save_atomic
+        save_atomic(readme, lambda tmp: Path(tmp).write_text(new))
         print(f"{readme}: results table copied from {head}")
     else:
         print(f"{readme}: already up to date")
