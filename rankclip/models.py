@@ -168,7 +168,7 @@ class BidirectionalTextEncoder(nn.Module):
         "Token ids and mask (N x L) -> unnormalised embeddings (N x embed_dim), from the first token."
         return self.proj(self.hidden_states(input_ids, attention_mask)[:, 0])
 
-# %% ../nbs/01_models.ipynb #61cf959d
+# %% ../nbs/01_models.ipynb #d31c244c
 TEXT_ENCODERS = {
     "clip-12x512": dict(family="clip", layers=12, width=512, heads=8, context_length=77),
     "bert-base": dict(family="bert", layers=12, width=768, heads=12, context_length=512),
@@ -176,6 +176,8 @@ TEXT_ENCODERS = {
     "clip-2x128": dict(family="clip", layers=2, width=128, heads=2, context_length=77),
     "bert-4x256": dict(family="bert", layers=4, width=256, heads=4, context_length=77),
     "roberta-4x256": dict(family="roberta", layers=4, width=256, heads=4, context_length=77),
+    "bert-2x192": dict(family="bert", layers=2, width=192, heads=3, context_length=77),
+    "roberta-2x192": dict(family="roberta", layers=2, width=192, heads=3, context_length=77),
 }
 ARCHITECTURE_KEYS = ("layers", "width", "heads", "context_length")
 
@@ -214,7 +216,7 @@ def length_groups(attention_mask: torch.Tensor, min_group: int = 32, max_groups:
     order = torch.argsort(attention_mask.sum(1), stable=True)
     return list(order.tensor_split(k)) if k > 1 else [order]
 
-# %% ../nbs/01_models.ipynb #f801ca6d
+# %% ../nbs/01_models.ipynb #1950d8e3
 class DualEncoder(nn.Module):
     "A CLIP dual encoder: image and text encoders into one embedding space, its tokenizer and logit scale."
     def __init__(self, image_encoder: ImageEncoder, text_encoder: nn.Module, tokenizer: TextTokenizer, config: dict):
@@ -243,15 +245,10 @@ class DualEncoder(nn.Module):
         "Text embeddings (N x embed_dim) of captions or of `tokenize`'s output, L2-normalised unless `normalize=False`."
         tokens = texts if isinstance(texts, dict) else self.tokenize(texts)
         ids, mask = tokens["input_ids"], tokens["attention_mask"]
-        groups = length_groups(mask) if self.length_grouping else [None]
-        parts = []
-        for rows in groups:
-            g_ids, g_mask = trim_padding(ids, mask) if rows is None else trim_padding(ids[rows], mask[rows])
-            parts.append(self.text_encoder(g_ids.to(self.device, non_blocking=True), g_mask.to(self.device, non_blocking=True)))
-        if len(parts) == 1 and groups[0] is None:
-            x = parts[0]
-        else:
-            x = torch.cat(parts)[torch.argsort(torch.cat(groups)).to(self.device)]
+        groups = length_groups(mask) if self.length_grouping else [torch.arange(ids.shape[0])]
+        parts = [self.text_encoder(*(t.to(self.device, non_blocking=True) for t in trim_padding(ids[rows], mask[rows])))
+                 for rows in groups]
+        x = torch.cat(parts)[torch.argsort(torch.cat(groups)).to(self.device)]
         return F.normalize(x, dim=-1) if normalize else x
 
     def forward(self, images: torch.Tensor, texts) -> dict:
