@@ -128,6 +128,9 @@ def test_smoke_pipeline_reproduces_and_reruns_only_the_changed_cell(tmp_path):
     for f in ("lambda_grid", "architectures", "modality_gap", "training_curves"):
         assert (repo / "results" / "report" / "figures" / f"{f}.png").stat().st_size > 5000
     assert "paired" in (repo / "results" / "report" / "tables" / "paired_differences.md").read_text()
+    headline = (repo / "results" / "report" / "headline.md").read_text()
+    assert "| RankCLIP − CLIP, paired by seed" in headline and "RankCLIP minus CLIP, paired by seed: the interval" in headline
+    assert "Training and evaluating the study's 8 runs took" in headline
 
     assert stale_stages(repo) == set()
     again = sh(["dvc", "repro"], repo)
