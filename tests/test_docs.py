@@ -204,6 +204,9 @@ PAGE_FACTS = """(() => {
         ({complete: i.complete, width: i.naturalWidth, height: i.naturalHeight})),
     images: [...document.images].map(i => ({src: i.src.slice(0, 60), ok: i.complete && i.naturalWidth > 0})),
     tables: [...main.querySelectorAll('table')].map(t => t.innerText.slice(0, 4000)),
+    pastColumn: [...main.querySelectorAll('table, img, pre')].filter(e =>
+        e.getBoundingClientRect().right > main.getBoundingClientRect().right + 1).map(e => e.tagName + ': ' + e.innerText.slice(0, 60)),
+    pageWidth: document.documentElement.scrollWidth,
     height: document.documentElement.scrollHeight,
   };
 })()"""
@@ -266,6 +269,13 @@ def browsed(site, tmp_path_factory):
 def test_every_page_loads_without_console_errors(browsed):
     bad = {page: r["errors"] for page, r in browsed.items() if r["errors"]}
     assert not bad, bad
+
+
+def test_nothing_runs_past_the_content_column(browsed):
+    "Wide tables scroll inside the page's column; no table, figure or code block is cut off at 1280 px."
+    wide = {page: r["pastColumn"] for page, r in browsed.items() if r["pastColumn"]}
+    assert not wide, f"past the content column (clipped in a 1280-px window): {wide}"
+    assert all(r["pageWidth"] <= 1280 for r in browsed.values()), {p: r["pageWidth"] for p, r in browsed.items()}
 
 
 def test_no_request_leaves_loopback(browsed):
