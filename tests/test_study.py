@@ -122,7 +122,8 @@ def test_smoke_pipeline_reproduces_and_reruns_only_the_changed_cell(tmp_path):
         nb = nbformat.read(repo / "results" / "runs" / c / "run.ipynb", as_version=4)
         assert any("injected-parameters" in cell.metadata.get("tags", []) for cell in nb.cells)
     bert = json.loads((repo / "results" / "runs" / "bert_clip" / "seeds" / "seed0" / "run.json").read_text())
-    assert bert["config"]["text_encoder"] == params["profiles"]["smoke"]["encoders"]["bert-base"] and bert["config"]["tokenizer"] == "runs/tokenizers/bert"
+    assert bert["config"]["text_encoder"] == params["profiles"]["smoke"]["encoders"]["bert-base"]
+    assert bert["config"]["tokenizer"] == "runs/tokenizers/bert"
     summary = json.loads((repo / "results" / "report" / "summary.json").read_text())
     assert set(summary) == CELLS and summary["clip"]["heldout_vendor.zero_shot.emoji.top1"]["n"] == 3
     for f in ("lambda_grid", "architectures", "modality_gap", "training_curves"):
