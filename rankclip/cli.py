@@ -10,8 +10,8 @@ __all__ = ['COMMANDS', 'HEADLINE_START', 'HEADLINE_END', 'command', 'fetch_data_
 import argparse, sys, time
 from pathlib import Path
 
-# %% ../nbs/09_cli.ipynb #6cd4acf0
-from .study import load_params, parse_value
+# %% ../nbs/09_cli.ipynb #0b338afc
+from .study import load_params
 
 # %% ../nbs/09_cli.ipynb #0ce3fd38
 COMMANDS = {}
