@@ -9,7 +9,7 @@ __all__ = ['ON_ERROR', 'IMAGE_EXTS', 'ZERO_SHOT_SETS', 'SampleError', 'ImageErro
            'ShardImageText', 'write_shard', 'load_class_map', 'imagenet_classnames', 'zero_shot_dataset']
 
 # %% ../nbs/00a_formats.ipynb #f697ed3b
-import csv, io, json, os, re, tarfile, warnings
+import csv, io, json, re, tarfile, warnings
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -21,8 +21,10 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from torch.utils.data.dataloader import default_collate
 
+from .files import UserError, write_atomic
+
 # %% ../nbs/00a_formats.ipynb #fffba9f5
-class SampleError(ValueError):
+class SampleError(UserError):
     "A bad sample: the message names the problem, `where` it is and the fix."
     def __init__(self, reason: str, where: str, detail: str = "", fix: str = ""):
         self.reason, self.where = reason, where
@@ -288,13 +290,13 @@ class ShardImageText(IterableDataset):
 # %% ../nbs/00a_formats.ipynb #b13e9d22
 def write_shard(path: str | Path, samples: Iterable[tuple[str, dict[str, bytes]]]):
     "Write `(key, {ext: bytes})` samples to the tar shard `path` (atomically), as img2dataset lays them out."
-    path = Path(path); part = path.with_name(path.name + ".tmp")
-    with tarfile.open(part, "w") as tar:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}"); info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    os.replace(part, path)
+    def write(tmp):
+        with tarfile.open(tmp, "w") as tar:
+            for key, members in samples:
+                for ext, data in members.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}"); info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    write_atomic(path, write)
 
 # %% ../nbs/00a_formats.ipynb #1be63487
 def load_class_map(source: str | Path | dict) -> dict[str, str]:

@@ -8,11 +8,13 @@ __all__ = ['CLIP_SPECIALS', 'CLIP_MERGES', 'CLIP_PATTERN', 'SETTINGS_FILE', 'CLE
            'fit_tokenizer', 'train_tokenizer', 'get_tokenizer']
 
 # %% ../nbs/00b_text.ipynb #295bb2aa
-import gzip, html, importlib.util, json, os, tempfile
+import gzip, html, importlib.util, json
 from pathlib import Path
 
 import ftfy, torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from .files import write_text
 
 # %% ../nbs/00b_text.ipynb #8517b9a5
 def clip_bpe_path() -> Path:
@@ -65,13 +67,6 @@ def clip_bpe(path=None) -> Tokenizer:
 SETTINGS_FILE = "tokenizer_settings.json"
 CLEANERS = {"none": lambda text: text, "clip": clip_clean}
 
-def _write_atomic(path: Path, text: str):
-    "Write `text` to `path` through a temporary file and `os.replace`."
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f: f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
 class TextTokenizer:
     "Captions -> `input_ids` and `attention_mask` (LongTensors N x `context_length`)."
     def __init__(self, tokenizer: Tokenizer, name: str, context_length: int = 77, pad_token: str = "[PAD]",
@@ -108,8 +103,8 @@ class TextTokenizer:
         "Write `tokenizer.json` and `tokenizer_settings.json` into `dir`."
         dir = Path(dir)
         dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(dir/"tokenizer.json", self.tokenizer.to_str(pretty=True))
-        _write_atomic(dir/SETTINGS_FILE, json.dumps(self.settings, indent=2) + "\n")
+        write_text(dir/"tokenizer.json", self.tokenizer.to_str(pretty=True))
+        write_text(dir/SETTINGS_FILE, json.dumps(self.settings, indent=2) + "\n")
 
     @classmethod
     def load(cls, dir, context_length: int | None = None):
