@@ -5,16 +5,7 @@
 # %% ../nbs/03_train.ipynb #6d58186f
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import os
-import random
-import shutil
-import subprocess
-import tempfile
-import time
-import typing
+import contextlib, json, math, os, random, shutil, subprocess, time, typing
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 
@@ -23,15 +14,31 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from .files import UserError, closest_key, load_yaml, replace_dir, sha256_file, write_json
+from .losses import LOSSES, create_loss
+
 # %% auto #0
-__all__ = ['ConfigError', 'TrainConfig', 'Runtime', 'setup_runtime', 'cosine_lr', 'param_groups', 'build_optimizer',
-           'GlobalBatchSampler', 'ImageTextPairs', 'load_training_pairs', 'build_model', 'build_loss',
-           'CheckpointError', 'atomic_write_json', 'save_checkpoint', 'latest_checkpoint', 'read_checkpoint',
-           'run_info', 'NonFiniteLossError', 'first_nonfinite', 'fit']
+__all__ = ['TRAINING_SOURCES', 'training_source', 'ConfigError', 'TrainConfig', 'load_training_pairs', 'training_pairs',
+           'Runtime', 'setup_runtime', 'cosine_lr', 'set_lr', 'param_groups', 'build_optimizer', 'GlobalBatchSampler',
+           'ImageTextPairs', 'build_model', 'build_loss', 'CheckpointError', 'save_checkpoint', 'latest_checkpoint',
+           'read_checkpoint', 'run_info', 'NonFiniteLossError', 'first_nonfinite', 'Training', 'setup_training',
+           'save_training', 'train_step', 'RunLog', 'fit']
 
 # %% ../nbs/03_train.ipynb #02e8f0c8
+TRAINING_SOURCES: dict[str, typing.Callable] = {}
+
+def training_source(name: str):
+    "Register the decorated `f(cfg) -> (uint8 images N x H x W x C, captions)` as training data `name` (`TrainConfig.data`)."
+    def register(f):
+        TRAINING_SOURCES[name] = f
+        return f
+    return register
+
+class ConfigError(UserError):
+    "A training parameter that is unknown or has a bad value."
+
 def _coerce(name: str, value, hint):
-    "`value` as the type `hint` of field `name` (YAML reads 1e-3 as a string); a clear error otherwise."
+    "`value` as the type `hint` of field `name` (a number given as a string, '1e-3', too); a clear error otherwise."
     args = typing.get_args(hint) or (hint,)
     if value is None and type(None) in args:
         return None
@@ -54,10 +61,6 @@ def _coerce(name: str, value, hint):
     raise ConfigError(f"training parameter {name} = {value!r}: expected {hint}")
 
 
-class ConfigError(ValueError):
-    "A training parameter that is unknown or has a bad value."
-
-
 @dataclass
 class TrainConfig:
     "Every knob of one training run."
@@ -67,7 +70,7 @@ class TrainConfig:
     embed_dim: int = 128
     image_size: int = 32
     tokenizer: str | None = None  # a saved tokenizer folder; None: the encoder's default
-    # loss: clip | rankclip | cyclip
+    # loss: a name in rankclip.losses.LOSSES (clip | rankclip | cyclip); each reads the fields it names
     loss: str = "rankclip"
     lambda_cross: float = 1 / 16
     lambda_in: float = 1 / 16
@@ -77,7 +80,8 @@ class TrainConfig:
     cyclip_lambda_cross: float = 0.25
     local_loss: bool = False
     gather_with_grad: bool = True
-    # data
+    # data: a name in TRAINING_SOURCES (emoji: the prepared emoji drawings under data_root)
+    data: str = "emoji"
     data_root: str = "prepared"
     train_vendors: list = field(default_factory=lambda: ["apple", "google", "twitter"])
     limit: int | None = None  # train on a seeded random subset of this many pairs
@@ -95,7 +99,7 @@ class TrainConfig:
     # execution
     seed: int = 0
     device: str = "auto"  # auto: CUDA when present
-    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU; fp16 trains with a gradient scaler
     compile: bool = False
     channels_last: str = "auto"  # auto: on CUDA for convolutional image encoders
     sync_bn: bool = False
@@ -110,24 +114,15 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        checks = {
-            "loss": self.loss in ("clip", "rankclip", "cyclip"),
-            "precision": self.precision in ("auto", "fp32", "bf16", "fp16"),
-            "nonfinite": self.nonfinite in ("raise", "skip"),
-            "channels_last": self.channels_last in ("auto", "on", "off"),
-            "batch_size": self.batch_size > 0,
-            "epochs": self.epochs > 0,
-            "lr": self.lr > 0,
-            "warmup_steps": self.warmup_steps >= 0,
-            "checkpoint_every": self.checkpoint_every > 0,
-            "lambda_cross": self.lambda_cross >= 0,
-            "lambda_in": self.lambda_in >= 0,
-        }
-        allowed = {"loss": "clip, rankclip or cyclip", "precision": "auto, fp32, bf16 or fp16",
-                   "nonfinite": "raise or skip", "channels_last": "auto, on or off"}
-        for name, ok in checks.items():
-            if not ok:
-                want = allowed.get(name, "a positive number" if name not in ("warmup_steps", "lambda_cross", "lambda_in") else "a number >= 0")
+        choices = {"loss": sorted(LOSSES), "data": sorted(TRAINING_SOURCES), "precision": ["auto", "fp32", "bf16", "fp16"],
+                   "nonfinite": ["raise", "skip"], "channels_last": ["auto", "on", "off"]}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"training parameter {name} = {getattr(self, name)!r} is invalid: expected one of {allowed}")
+        rules = [(n, "a positive number", lambda x: x > 0) for n in ("batch_size", "epochs", "lr", "checkpoint_every")]
+        rules += [(n, "a number >= 0", lambda x: x >= 0) for n in ("warmup_steps", "lambda_cross", "lambda_in")]
+        for name, want, ok in rules:
+            if not ok(getattr(self, name)):
                 raise ConfigError(f"training parameter {name} = {getattr(self, name)!r} is invalid: expected {want}")
 
     @classmethod
@@ -136,21 +131,43 @@ class TrainConfig:
         hints = typing.get_type_hints(cls)
         unknown = sorted(set(d) - set(hints))
         if unknown:
-            raise ConfigError(f"unknown training parameter(s) {unknown}; known: {sorted(hints)}")
+            hint = closest_key(unknown[0], hints)
+            raise ConfigError(f"unknown training parameter(s) {unknown}" + (f"; did you mean {hint!r}?" if hint else "")
+                              + f" known: {sorted(hints)}")
         return cls(**{k: _coerce(k, v, hints[k]) for k, v in d.items()})
 
     def override(self, assignments: list[str]) -> "TrainConfig":
-        "A copy with `key=value` assignments applied, each value parsed as YAML."
-        import yaml
+        "A copy with `key=value` assignments applied, each value parsed as YAML (1e-3 is a float)."
         d = asdict(self)
         for a in assignments:
-            if "=" not in a:
+            k, sep, v = a.partition("=")
+            if not sep:
                 raise ConfigError(f"override {a!r} is not of the form key=value (e.g. lr=1e-3)")
-            k, v = a.split("=", 1)
             if k not in d:
                 raise ConfigError(f"override {a!r}: unknown training parameter {k!r}; known: {sorted(d)}")
-            d[k] = yaml.safe_load(v)
+            d[k] = load_yaml(v)
         return TrainConfig.from_dict(d)
+
+# %% ../nbs/03_train.ipynb #3f935918
+@training_source("emoji")
+def load_training_pairs(cfg: TrainConfig):
+    "Images and captions of the training vendors from the prepared emoji source."
+    from rankclip.data import load_prepared
+    src = load_prepared("emoji", cfg.data_root)
+    vendors = src.label_names["vendor"]
+    unknown = sorted(set(cfg.train_vendors) - set(vendors))
+    if unknown:
+        raise ConfigError(f"train_vendors {unknown} not in the emoji source; available: {vendors}")
+    keep = np.isin(src.labels["vendor"], [vendors.index(v) for v in cfg.train_vendors])
+    idx = np.flatnonzero(keep)
+    if cfg.limit is not None and cfg.limit < len(idx):
+        idx = np.sort(np.random.default_rng(cfg.seed).choice(idx, cfg.limit, replace=False))
+    return np.asarray(src.images[idx]), [src.captions[i] for i in idx]
+
+def training_pairs(cfg: TrainConfig, tokenize) -> ImageTextPairs:
+    "The training pairs of the data source `cfg.data` names, held in memory and tokenised with `tokenize`."
+    images, captions = TRAINING_SOURCES[cfg.data](cfg)
+    return ImageTextPairs(images, captions, tokenize)
 
 # %% ../nbs/03_train.ipynb #3d00445b
 @dataclass
@@ -187,8 +204,6 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision fp16 needs a CUDA device; use fp32 or bf16 on CPU")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return Runtime(device, dtype, rank, world_size, local_rank)
 
@@ -199,6 +214,13 @@ def cosine_lr(step: int, base_lr: float, warmup_steps: int, total_steps: int) ->
         return base_lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * base_lr
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    "Set every parameter group's learning rate to `lr`; returns it."
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    return lr
 
 # %% ../nbs/03_train.ipynb #e1af38d4
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -264,21 +286,6 @@ class ImageTextPairs:
         "Images (uint8, NHWC) and token tensors of the samples `idx`."
         return self.images[idx], {k: v[idx] for k, v in self.tokens.items()}
 
-# %% ../nbs/03_train.ipynb #3f935918
-def load_training_pairs(cfg: TrainConfig):
-    "Images and captions of the training vendors from the prepared emoji source."
-    from rankclip.data import load_prepared
-    src = load_prepared("emoji", cfg.data_root)
-    vendors = src.label_names["vendor"]
-    unknown = sorted(set(cfg.train_vendors) - set(vendors))
-    if unknown:
-        raise ValueError(f"train_vendors {unknown} not in the emoji source; available: {vendors}")
-    keep = np.isin(src.labels["vendor"], [vendors.index(v) for v in cfg.train_vendors])
-    idx = np.flatnonzero(keep)
-    if cfg.limit is not None and cfg.limit < len(idx):
-        idx = np.sort(np.random.default_rng(cfg.seed).choice(idx, cfg.limit, replace=False))
-    return np.asarray(src.images[idx]), [src.captions[i] for i in idx]
-
 # %% ../nbs/03_train.ipynb #dd99a3ea
 def build_model(cfg: TrainConfig):
     "The dual encoder the configuration names."
@@ -288,39 +295,13 @@ def build_model(cfg: TrainConfig):
 
 
 def build_loss(cfg: TrainConfig, rt: Runtime) -> torch.nn.Module:
-    "The loss the configuration names: CLIP, RankCLIP (any lambdas) or CyCLIP."
-    from rankclip.losses import RankCLIPLoss, CyCLIPLoss
-    dist_kw = dict(local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
-                   rank=rt.rank, world_size=rt.world_size)
-    if cfg.loss == "cyclip":
-        return CyCLIPLoss(lambda_in=cfg.cyclip_lambda_in, lambda_cross=cfg.cyclip_lambda_cross, **dist_kw)
-    lc, li = (0.0, 0.0) if cfg.loss == "clip" else (cfg.lambda_cross, cfg.lambda_in)
-    return RankCLIPLoss(lambda_cross=lc, lambda_in=li, position_decay=cfg.position_decay,
-                        official_ramp=cfg.official_ramp, **dist_kw)
+    "The registered loss `cfg.loss`, its options read from `cfg`, gathering over the run's ranks."
+    return create_loss(cfg.loss, asdict(cfg), local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
+                       rank=rt.rank, world_size=rt.world_size)
 
 # %% ../nbs/03_train.ipynb #76722bb8
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     "A checkpoint that is missing, incomplete or corrupt."
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_write_json(obj, path: Path) -> None:
-    "Write JSON to `path` through a temporary file and os.replace."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -373,26 +354,20 @@ def _set_rng_state(tensors: dict, meta: dict) -> None:
 def save_checkpoint(ckpt_dir: Path, model, optimizer, state: dict, keep: int = 2) -> Path:
     "Write checkpoint `step_<step>` atomically under `ckpt_dir` and point latest.json at it."
     ckpt_dir = Path(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
     name = f"step_{state['step']:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=ckpt_dir, prefix=f".{name}."))
     opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
     rng_tensors, rng_meta = _rng_state()
-    model_sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(model_sd, tmp / "model.safetensors")
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
-    save_file(rng_tensors, tmp / "rng.safetensors")
-    (tmp / "state.json").write_text(json.dumps({**state, "optimizer": opt_meta, "rng": rng_meta}))
-    files = sorted(p.name for p in tmp.iterdir())
-    (tmp / "manifest.json").write_text(json.dumps({f: _sha256(tmp / f) for f in files}))
-    final = ckpt_dir / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    atomic_write_json({"latest": name}, ckpt_dir / "latest.json")
+    with replace_dir(ckpt_dir / name) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        save_file(rng_tensors, tmp / "rng.safetensors")
+        (tmp / "state.json").write_text(json.dumps({**state, "optimizer": opt_meta, "rng": rng_meta}))
+        files = sorted(p.name for p in tmp.iterdir())
+        (tmp / "manifest.json").write_text(json.dumps({f: sha256_file(tmp / f) for f in files}))
+    write_json(ckpt_dir / "latest.json", {"latest": name})
     for old in sorted(ckpt_dir.glob("step_*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
+    return ckpt_dir / name
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -419,7 +394,7 @@ def read_checkpoint(path: Path) -> dict:
         f = path / fname
         if not f.exists():
             raise CheckpointError(f"{f}: missing from the checkpoint")
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             raise CheckpointError(f"{f}: SHA-256 differs from the manifest (corrupt or altered); "
                                   f"the checkpoint was not loaded: delete it or resume from an earlier one")
     return {"model": load_file(path / "model.safetensors"),
@@ -444,7 +419,7 @@ def run_info(cfg: TrainConfig, rt: Runtime) -> dict:
             "torch": torch.__version__, "device": dev, "world_size": rt.world_size, "precision": str(rt.dtype)}
 
 # %% ../nbs/03_train.ipynb #29b6c955
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     "A loss term became NaN or infinite."
 
 
@@ -454,136 +429,180 @@ def first_nonfinite(terms: dict) -> str | None:
     return next((k for k in names if k in terms and not torch.isfinite(terms[k]).all()), None)
 
 # %% ../nbs/03_train.ipynb #f7b51d46
-def _unwrap(model):
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
+@dataclass
+class Training:
+    "What the loop works on and changes, set up once by `setup_training`."
+    cfg: TrainConfig
+    rt: Runtime
+    model: torch.nn.Module  # what the loop calls: wrapped for DDP and torch.compile when asked
+    raw_model: torch.nn.Module  # what checkpoints hold
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loss_fn: typing.Callable
+    sampler: GlobalBatchSampler
+    step: int = 0
+    skipped: int = 0
+    resumed: bool = False
+
+    @property
+    def steps_per_epoch(self) -> int: return len(self.sampler)
+
+    @property
+    def total_steps(self) -> int: return self.steps_per_epoch * self.cfg.epochs
+
+    @property
+    def last_step(self) -> int: return min(self.total_steps, self.cfg.max_steps or self.total_steps)
+
+    @property
+    def ckpt_dir(self) -> Path: return Path(self.cfg.out_dir) / "checkpoints"
 
 
-def fit(cfg: TrainConfig, pairs: ImageTextPairs | None = None, model=None) -> dict:
-    "Train a dual encoder as `cfg` says; returns a summary dict."
-    rt = setup_runtime(cfg)
-    out = Path(cfg.out_dir)
-    torch.manual_seed(cfg.seed); random.seed(cfg.seed); np.random.seed(cfg.seed)
-    model = model if model is not None else build_model(cfg)
-    if pairs is None:
-        images, captions = load_training_pairs(cfg)
-        pairs = ImageTextPairs(images, captions, model.tokenize)
+def setup_training(cfg: TrainConfig, rt: Runtime, model, n_pairs: int) -> Training:
+    "Place the model, build optimiser, scaler, loss and sampler, resume from the latest checkpoint, wrap for DDP/compile."
     is_conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and rt.device.type == "cuda" and is_conv)
     if cfg.sync_bn and rt.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(rt.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    raw_model = model
-    optimizer = build_optimizer(model, cfg)
-    loss_fn = build_loss(cfg, rt)
-    sampler = GlobalBatchSampler(len(pairs), cfg.batch_size, cfg.seed, rt.rank, rt.world_size)
-    steps_per_epoch = len(sampler)
-    total_steps = steps_per_epoch * cfg.epochs
-    last_step = min(total_steps, cfg.max_steps or total_steps)
-
-    step, skipped = 0, 0
-    ckpt_dir = out / "checkpoints"
-    latest = latest_checkpoint(ckpt_dir) if cfg.resume else None
+    t = Training(cfg, rt, model, model, build_optimizer(model, cfg),
+                 torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16), build_loss(cfg, rt),
+                 GlobalBatchSampler(n_pairs, cfg.batch_size, cfg.seed, rt.rank, rt.world_size))
+    latest = latest_checkpoint(t.ckpt_dir) if cfg.resume else None
     if latest is not None:
         ck = read_checkpoint(latest)
-        raw_model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(_optimizer_from_flat(ck["optimizer"], ck["state"]["optimizer"]))
+        model.load_state_dict(ck["model"])
+        t.optimizer.load_state_dict(_optimizer_from_flat(ck["optimizer"], ck["state"]["optimizer"]))
+        if ck["state"].get("grad_scaler"):
+            t.scaler.load_state_dict(ck["state"]["grad_scaler"])
         _set_rng_state(ck["rng"], ck["state"]["rng"])
-        step, skipped = ck["state"]["step"], ck["state"].get("skipped", 0)
-
+        t.step, t.skipped, t.resumed = ck["state"]["step"], ck["state"].get("skipped", 0), True
     if rt.distributed:
-        ddp_kw = {"device_ids": [rt.device.index]} if rt.device.type == "cuda" else {}
-        model = torch.nn.parallel.DistributedDataParallel(model, **ddp_kw)
+        t.model = torch.nn.parallel.DistributedDataParallel(
+            t.model, **({"device_ids": [rt.device.index]} if rt.device.type == "cuda" else {}))
     if cfg.compile:
-        model = torch.compile(model)
+        t.model = torch.compile(t.model)
+    t.model.train()
+    return t
 
-    live = bar = None
-    if rt.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_info(cfg, rt), out / "run.json")
-        from dvclive import Live
-        live = Live(dir=str(out / "dvclive"), resume=latest is not None, save_dvc_exp=False, dvcyaml=None)
-        if cfg.progress:
-            from tqdm import tqdm
-            bar = tqdm(total=last_step, initial=step, desc=f"train {cfg.loss}", dynamic_ncols=True)
 
-    def checkpoint():
-        if rt.is_main:
-            save_checkpoint(ckpt_dir, raw_model, optimizer,
-                            {"step": step, "skipped": skipped, "config": asdict(cfg)}, keep=cfg.keep_checkpoints)
-        if rt.distributed:
-            dist.barrier()
+def save_training(t: Training) -> None:
+    "Checkpoint everything `setup_training` restores (rank 0 writes, every rank waits)."
+    if t.rt.is_main:
+        state = {"step": t.step, "skipped": t.skipped, "grad_scaler": t.scaler.state_dict(), "config": asdict(t.cfg)}
+        save_checkpoint(t.ckpt_dir, t.raw_model, t.optimizer, state, keep=t.cfg.keep_checkpoints)
+    if t.rt.distributed:
+        dist.barrier()
 
-    model.train()
-    t_window, wait_window, n_window = time.perf_counter(), 0.0, 0
-    terms = {}
-    while step < last_step:
-        epoch, start = divmod(step, steps_per_epoch)
-        batches = sampler.epoch(epoch, start)
-        for idx in batches:
-            t0 = time.perf_counter()
-            images, tokens = pairs.batch(idx)
-            images = images.to(rt.device, non_blocking=True)
-            tokens = {k: v.to(rt.device, non_blocking=True) for k, v in tokens.items()}
-            wait_window += time.perf_counter() - t0
+# %% ../nbs/03_train.ipynb #cbec6929
+def train_step(t: Training, images: torch.Tensor, tokens: dict, epoch: int) -> tuple[dict, torch.Tensor]:
+    "One optimisation step on a batch; returns the loss terms and the logit scale."
+    cfg, rt = t.cfg, t.rt
+    with torch.autocast(rt.device.type, dtype=rt.dtype, enabled=rt.dtype != torch.float32):
+        out = t.model(images, tokens)
+    terms = t.loss_fn(out["image_features"].float(), out["text_features"].float(), out["logit_scale"].float(),
+                      epoch=epoch + 1, num_epochs=cfg.epochs)
+    t.optimizer.zero_grad(set_to_none=True)
+    bad = first_nonfinite(terms)
+    if rt.distributed:
+        flag = torch.tensor([bad is not None], dtype=torch.float32, device=rt.device)
+        dist.all_reduce(flag)
+        bad = bad or ("total (on another rank)" if flag.item() else None)
+    if bad is not None:
+        if cfg.nonfinite == "raise":
+            raise NonFiniteLossError(
+                f"step {t.step} (epoch {epoch + 1}): loss term '{bad}' is not finite "
+                f"({ {k: float(v.detach()) for k, v in terms.items()} }); last good checkpoint: "
+                f"{latest_checkpoint(t.ckpt_dir)}; lower lr, check the data, or set nonfinite=skip")
+        t.skipped += 1
+        return terms, out["logit_scale"]
+    t.scaler.scale(terms["total"]).backward()
+    if cfg.grad_clip:
+        t.scaler.unscale_(t.optimizer)
+        torch.nn.utils.clip_grad_norm_(t.model.parameters(), cfg.grad_clip)
+    t.scaler.step(t.optimizer)
+    t.scaler.update()
+    return terms, out["logit_scale"]
 
-            lr = cosine_lr(step, cfg.lr, cfg.warmup_steps, total_steps)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            with torch.autocast(rt.device.type, dtype=rt.dtype, enabled=rt.dtype != torch.float32):
-                outputs = model(images, tokens)
-            terms = loss_fn(outputs["image_features"].float(), outputs["text_features"].float(),
-                            outputs["logit_scale"].float(), epoch=epoch + 1, num_epochs=cfg.epochs)
-            bad = first_nonfinite(terms)
-            if rt.distributed:
-                flag = torch.tensor([bad is not None], dtype=torch.float32, device=rt.device)
-                dist.all_reduce(flag)
-                bad = bad or ("total (on another rank)" if flag.item() else None)
-            if bad is not None:
-                if cfg.nonfinite == "raise":
-                    where = latest_checkpoint(ckpt_dir)
-                    raise NonFiniteLossError(
-                        f"step {step} (epoch {epoch + 1}): loss term '{bad}' is not finite "
-                        f"({ {k: float(v.detach()) for k, v in terms.items()} }); last good checkpoint: {where}; "
-                        f"lower lr, check the data, or set nonfinite=skip")
-                skipped += 1
-                optimizer.zero_grad(set_to_none=True)
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                terms["total"].backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-            step += 1
-            n_window += len(idx) * rt.world_size
+# %% ../nbs/03_train.ipynb #eb0f5571
+class RunLog:
+    "Rank 0's record of a run: run.json, DVCLive metrics, a progress bar, throughput and data wait per logging window."
+    def __init__(self, t: Training):
+        self.t, self.live, self.bar = t, None, None
+        self.window_start, self.waited, self.samples = time.perf_counter(), 0.0, 0
+        if t.rt.is_main:
+            out = Path(t.cfg.out_dir)
+            write_json(out / "run.json", run_info(t.cfg, t.rt))
+            from dvclive import Live
+            self.live = Live(dir=str(out / "dvclive"), resume=t.resumed, save_dvc_exp=False, dvcyaml=None)
+            if t.cfg.progress:
+                from tqdm import tqdm
+                self.bar = tqdm(total=t.last_step, initial=t.step, desc=f"train {t.cfg.loss}", dynamic_ncols=True)
 
-            if rt.is_main and (step % cfg.log_every == 0 or step == last_step):
-                dt = time.perf_counter() - t_window
-                row = {f"train/{k}": float(v.detach()) for k, v in terms.items()}
-                row.update({"train/logit_scale": float(outputs["logit_scale"].detach()), "train/lr": lr,
-                            "perf/samples_per_s": n_window / dt, "perf/data_wait_frac": wait_window / dt,
-                            "train/skipped_steps": skipped})
-                for k, v in row.items():
-                    live.log_metric(k, v)
-                live.next_step()
-                if bar is not None:
-                    bar.set_postfix({k.split("/")[1]: f"{v:.3g}" for k, v in row.items() if k != "train/skipped_steps"})
-                t_window, wait_window, n_window = time.perf_counter(), 0.0, 0
-            if bar is not None:
-                bar.update(1)
-            if step % cfg.checkpoint_every == 0 or step == last_step:
-                checkpoint()
-            if step >= last_step:
+    @contextlib.contextmanager
+    def waiting(self):
+        "Count the time inside the block as waiting for data."
+        t0 = time.perf_counter()
+        yield
+        self.waited += time.perf_counter() - t0
+
+    def step(self, terms: dict, logit_scale: torch.Tensor, lr: float, n_samples: int) -> None:
+        "Count a finished step; at every `log_every`-th step and the last, log the window's figures."
+        t, self.samples = self.t, self.samples + n_samples
+        if self.live is not None and (t.step % t.cfg.log_every == 0 or t.step == t.last_step):
+            dt = time.perf_counter() - self.window_start
+            row = {f"train/{k}": float(v.detach()) for k, v in terms.items()}
+            row.update({"train/logit_scale": float(logit_scale.detach()), "train/lr": lr,
+                        "perf/samples_per_s": self.samples / dt, "perf/data_wait_frac": self.waited / dt,
+                        "train/skipped_steps": t.skipped})
+            for k, v in row.items():
+                self.live.log_metric(k, v)
+            self.live.next_step()
+            if self.bar is not None:
+                self.bar.set_postfix({k.split("/")[1]: f"{v:.3g}" for k, v in row.items() if k != "train/skipped_steps"})
+            self.window_start, self.waited, self.samples = time.perf_counter(), 0.0, 0
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def finish(self, terms: dict) -> dict:
+        "Save the final model and run.json with the run's summary (rank 0); return the summary."
+        t = self.t
+        summary = {"steps": t.step, "epochs_run": t.step / t.steps_per_epoch, "skipped_steps": t.skipped,
+                   **{f"final_{k}": float(v.detach()) for k, v in terms.items()}}
+        if t.rt.is_main:
+            _unwrap(t.raw_model).save(Path(t.cfg.out_dir) / "model")
+            write_json(Path(t.cfg.out_dir) / "run.json", {**run_info(t.cfg, t.rt), "summary": summary})
+            self.live.end()
+            if self.bar is not None:
+                self.bar.close()
+        return summary
+
+
+def _unwrap(model):
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+# %% ../nbs/03_train.ipynb #6e0123ac
+def fit(cfg: TrainConfig, pairs: ImageTextPairs | None = None, model=None) -> dict:
+    "Train a dual encoder as `cfg` says; returns a summary dict."
+    rt = setup_runtime(cfg)
+    torch.manual_seed(cfg.seed); random.seed(cfg.seed); np.random.seed(cfg.seed)
+    model = model if model is not None else build_model(cfg)
+    pairs = pairs if pairs is not None else training_pairs(cfg, model.tokenize)
+    t = setup_training(cfg, rt, model, len(pairs))
+    log, terms = RunLog(t), {}
+    while t.step < t.last_step:
+        epoch, start = divmod(t.step, t.steps_per_epoch)
+        for idx in t.sampler.epoch(epoch, start):
+            with log.waiting():
+                images, tokens = pairs.batch(idx)
+                images = images.to(rt.device, non_blocking=True)
+                tokens = {k: v.to(rt.device, non_blocking=True) for k, v in tokens.items()}
+            lr = set_lr(t.optimizer, cosine_lr(t.step, cfg.lr, cfg.warmup_steps, t.total_steps))
+            terms, logit_scale = train_step(t, images, tokens, epoch)
+            t.step += 1
+            log.step(terms, logit_scale, lr, len(idx) * rt.world_size)
+            if t.step % cfg.checkpoint_every == 0 or t.step == t.last_step:
+                save_training(t)
+            if t.step >= t.last_step:
                 break
-
-    summary = {"steps": step, "epochs_run": step / steps_per_epoch, "skipped_steps": skipped,
-               **{f"final_{k}": float(v.detach()) for k, v in terms.items()}}
-    if rt.is_main:
-        _unwrap(raw_model).save(out / "model")
-        info = run_info(cfg, rt)
-        info["summary"] = summary
-        atomic_write_json(info, out / "run.json")
-        live.end()
-        if bar is not None:
-            bar.close()
-    return summary
+    return log.finish(terms)
