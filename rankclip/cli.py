@@ -11,6 +11,7 @@ import argparse, sys, time
 from pathlib import Path
 
 # %% ../nbs/09_cli.ipynb #0b338afc
+from .files import UserError, write_text
 from .study import load_params
 
 # %% ../nbs/09_cli.ipynb #0ce3fd38
@@ -53,11 +54,8 @@ def prepare_command(args, params):
 def train_command(args, params):
     "Train a dual encoder (CLIP, RankCLIP or CyCLIP) from the `train` section of the params file."
     import json, os
-    from rankclip.train import CheckpointError, ConfigError, NonFiniteLossError, TrainConfig, fit
-    try:
-        summary = fit(TrainConfig.from_dict(params.get("train") or {}))
-    except (ConfigError, CheckpointError, NonFiniteLossError) as e:
-        raise SystemExit(f"rankclip train: {e}")
+    from rankclip.train import TrainConfig, fit
+    summary = fit(TrainConfig.from_dict(params.get("train") or {}))
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))
 
@@ -74,9 +72,8 @@ def evaluate_command(args, params):
                                    help="strip SRC DST | tokenizers | plan [CELL ...]")))
 def study_command(args, params):
     "Steps of the study pipeline: strip an experiment notebook, train tokenizers, print a cell's plan."
-    from rankclip.study import StudyError, study_main
-    try: study_main(args.args, params)
-    except StudyError as e: raise SystemExit(f"rankclip study: {e}")
+    from rankclip.study import study_main
+    study_main(args.args, params)
 
 # %% ../nbs/09_cli.ipynb #86c2e34d
 HEADLINE_START, HEADLINE_END = "<!-- headline:start -->", "<!-- headline:end -->"
@@ -107,8 +104,7 @@ def readme_command(args, params):
         if new != old: raise SystemExit(f"{readme}: the results table differs from {head}: run `rankclip readme`")
         print(f"{readme}: results table equals {head}")
     elif new != old:
-        from rankclip.evaluate import save_atomic
-        save_atomic(readme, lambda tmp: Path(tmp).write_text(new))
+        write_text(readme, new)
         print(f"{readme}: results table copied from {head}")
     else:
         print(f"{readme}: already up to date")
@@ -119,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
     common.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one parameter, e.g. -S data.image_size=64 (repeatable)")
+                        help="override one parameter, e.g. -S train.lr=1e-3 (repeatable; +KEY=VALUE adds a new key)")
     parser = argparse.ArgumentParser(prog="rankclip", description="RankCLIP: data, training and evaluation.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (f, options) in COMMANDS.items():
@@ -129,11 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 def main(argv=None) -> int:
-    "Run the `rankclip` command line."
-    from rankclip.data import DataError
+    "Run the `rankclip` command line; a `UserError` prints as one line and returns 1."
     args = build_parser().parse_args(argv)
     try: args.run(args, load_params(args.params, args.set))
-    except DataError as e:
+    except UserError as e:
         print(f"rankclip {args.command}: {e}", file=sys.stderr)
         return 1
     return 0
