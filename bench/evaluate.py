@@ -1,4 +1,4 @@
-"""Time `rankclip evaluate` for one small checkpoint (resnet18 at 32 px, clip-2x128 text) on every embedded
+"""Time `rankclip evaluate` for one small checkpoint (resnet18 at 32 px, clip-2x128 text) on every registered
 benchmark, in three situations: the first checkpoint with an empty cache (baseline features and probes
 computed), a new checkpoint of the same architecture (baselines read from the cache: the per-checkpoint cost
 in a study), and the same checkpoint again (every feature cached). Measures and prints;
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from rankclip.evaluate import EMBEDDED, evaluate_checkpoint
+from rankclip.evaluate import evaluate_checkpoint
 from rankclip.models import create_model
 
 
@@ -32,7 +32,7 @@ def main():
         for label, run in (("first checkpoint, empty cache", 1), ("new checkpoint, baselines cached", 2),
                            ("same checkpoint again", 2)):
             t0 = time.perf_counter()
-            metrics = evaluate_checkpoint(tmp / f"run{run}" / "model", tmp / f"run{run}" / "eval", a.prepared, EMBEDDED,
+            metrics = evaluate_checkpoint(tmp / f"run{run}" / "model", tmp / f"run{run}" / "eval", a.prepared,
                                           cache_dir=tmp / "cache", n_boot=a.n_boot)
             info = json.loads((tmp / f"run{run}" / "eval" / "details" / "_run.json").read_text())
             rows.append((label, time.perf_counter() - t0, info["cache"]))

@@ -1,6 +1,6 @@
-"""rankclip.evaluate against independent references (scikit-learn, brute-force loops, Monte Carlo, the
-formulas of Liang et al. and Wang and Isola written directly in torch), and `rankclip evaluate` end to end
-on a real small model with constructed prepared sources."""
+"""rankclip.evaluate and the statistics, features and benchmarks it runs, against independent references
+(scikit-learn, brute-force loops, Monte Carlo, the formulas of Liang et al. and Wang and Isola written
+directly in torch), and `rankclip evaluate` end to end on a real small model with constructed prepared sources."""
 import json, math
 from pathlib import Path
 
@@ -9,9 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from rankclip.evaluate import (EMBEDDED, FeatureCache, classification_metrics, estimate, evaluate_main,
-                               fit_linear_probe, image_features, linear_probe, modality_gap, prompt_ensembles,
-                               random_hit_rate, retrieval, weighted_mean, zero_shot, zero_shot_folder)
+from rankclip.benchmarks import zero_shot_folder
+from rankclip.evaluate import evaluate_main, linear_probe, modality_gap, retrieval, zero_shot
+from rankclip.features import FeatureCache, class_embeddings, image_features
+from rankclip.report import report_metrics
+from rankclip.stats import classification_metrics, estimate, fit_linear_probe, prompt_ensembles, random_hit_rate, weighted_mean
+from rankclip.study import load_params
 
 
 class KnownEncoder(torch.nn.Module):
@@ -47,7 +50,6 @@ def test_zero_shot_permutation_exact(seed):
     model = KnownEncoder(basis[perm], vocab)
     labels = rng.integers(0, K, 300)
     feats = image_features(model, _images(labels))
-    from rankclip.evaluate import class_embeddings
     m = zero_shot(feats, class_embeddings(model, prompt_ensembles(names, templates)), labels, n_boot=200)
     assert m["top1"]["value"] == pytest.approx(np.mean(perm[labels] == labels), abs=1e-12)
     identity = KnownEncoder(basis, vocab)
@@ -257,6 +259,7 @@ def test_evaluate_main_end_to_end(tmp_path, capsys):
         | {"fashion_mnist.zero_shot"} | {f"fashion_mnist.linear_probe{s}" for s in ("", ".pixels", ".random_encoder")} \
         | {"tuxpaint.retrieval", "tuxpaint.modality_gap", "imagefolder.zero_shot"}
     assert set(on_disk) == expected
+    assert {r for _, r, _ in report_metrics(load_params(Path(__file__).parents[1] / "params.yaml"))} <= expected
     for bench, ms in on_disk.items():
         for metric, e in ms.items():
             assert set(e) == {"value", "ci_low", "ci_high", "n", "chance", "majority"}, (bench, metric)
@@ -283,8 +286,9 @@ def test_evaluate_missing_prepared_names_the_fix(tmp_path):
         evaluate_main([str(tmp_path / "model"), "--prepared", str(tmp_path / "nothing"), "--benchmark", "tuxpaint"])
 
 
-def test_notebook_runs():
+@pytest.mark.parametrize("name", ["04a_stats", "04b_features", "04c_benchmarks", "04_evaluate"])
+def test_notebook_runs(name):
     import nbdev.test as nbt
-    nb = Path(__file__).parents[1] / "nbs" / "04_evaluate.ipynb"
+    nb = Path(__file__).parents[1] / "nbs" / f"{name}.ipynb"
     ok, _ = nbt.test_nb(nb)
     assert ok
