@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from torch.utils.data.dataloader import default_collate
 
-from .files import UserError, write_atomic
+from .files import MissingFileError, UserError, write_atomic
 
 # %% ../nbs/00a_formats.ipynb #fffba9f5
 class SampleError(UserError):
@@ -42,7 +42,7 @@ class Skipped(NamedTuple):
 ON_ERROR = ("raise", "skip")
 
 def _check_on_error(on_error: str):
-    if on_error not in ON_ERROR: raise ValueError(f"on_error={on_error!r}: use one of {ON_ERROR}")
+    if on_error not in ON_ERROR: raise UserError(f"on_error={on_error!r}: use one of {ON_ERROR}")
 
 def guard(on_error: str, fn: Callable, *args, **kwargs):
     "`fn(*args, **kwargs)`, or a `Skipped` record for a `SampleError` when `on_error='skip'`."
@@ -150,7 +150,7 @@ def _csv_sep(path: Path, sep: str | None) -> str:
 def _column(header: list[str], key: str, param: str, path: Path, sep: str) -> int:
     if key in header: return header.index(key)
     hint = f"; is the delimiter {sep!r} right? set sep=" if len(header) == 1 else f"; set {param}= to one of them"
-    raise ValueError(f"{path}: missing column {key!r} (columns present: {', '.join(map(repr, header))}){hint}")
+    raise UserError(f"{path}: missing column {key!r} (columns present: {', '.join(map(repr, header))}){hint}")
 
 class CsvImageText(Dataset):
     "Image-caption pairs from a CSV/TSV table of image paths and captions; items are `(image, caption)`."
@@ -159,7 +159,7 @@ class CsvImageText(Dataset):
                  check_files: bool = True, max_pixels: int | None | str = _PILLOW_LIMIT):
         _check_on_error(on_error)
         self.path, self.transform, self.on_error, self.max_pixels = Path(path), transform, on_error, max_pixels
-        if not self.path.is_file(): raise FileNotFoundError(f"{self.path}: caption table not found")
+        if not self.path.is_file(): raise MissingFileError(f"{self.path}: caption table not found")
         self.images, self.captions, self.lines, self.problems = [], [], [], {}
         self._read(img_key, caption_key, _csv_sep(self.path, sep), check_files)
         if self.problems and on_error == "raise":
@@ -172,12 +172,12 @@ class CsvImageText(Dataset):
             rows = csv.reader(f, delimiter=sep)
             try:
                 header = next(rows, None)
-                if not header: raise ValueError(f"{self.path}: empty file, expected a header row with {img_key!r} and {caption_key!r}")
+                if not header: raise UserError(f"{self.path}: empty file, expected a header row with {img_key!r} and {caption_key!r}")
                 i_img = _column(header, img_key, "img_key", self.path, sep)
                 i_cap = _column(header, caption_key, "caption_key", self.path, sep)
                 for row in rows: self._add(row, rows.line_num, i_img, i_cap, len(header), check_files)
             except (csv.Error, UnicodeDecodeError) as e:
-                raise ValueError(f"{self.path} line {rows.line_num + 1}: cannot parse ({e}); check the delimiter, quoting and encoding (UTF-8)") from e
+                raise UserError(f"{self.path} line {rows.line_num + 1}: cannot parse ({e}); check the delimiter, quoting and encoding (UTF-8)") from e
 
     def _add(self, row, line, i_img, i_cap, width, check_files):
         if not row: return
@@ -239,7 +239,7 @@ def _dist_rank(rank, world_size) -> tuple[int, int]:
     on = dist.is_available() and dist.is_initialized()
     rank = rank if rank is not None else (dist.get_rank() if on else 0)
     world_size = world_size if world_size is not None else (dist.get_world_size() if on else 1)
-    if not 0 <= rank < world_size: raise ValueError(f"rank={rank} is outside world_size={world_size}")
+    if not 0 <= rank < world_size: raise UserError(f"rank={rank} is outside world_size={world_size}")
     return rank, world_size
 
 class ShardImageText(IterableDataset):
@@ -249,10 +249,10 @@ class ShardImageText(IterableDataset):
         _check_on_error(on_error)
         self.shards, self.transform, self.on_error, self.max_pixels = expand_shards(urls), transform, on_error, max_pixels
         missing = [s for s in self.shards if not Path(s).is_file()]
-        if missing: raise FileNotFoundError(f"{len(missing)} of {len(self.shards)} shards not found: {', '.join(missing[:3])}")
+        if missing: raise MissingFileError(f"{len(missing)} of {len(self.shards)} shards not found: {', '.join(missing[:3])}")
         self.rank, self.world_size = _dist_rank(rank, world_size)
         if len(self.shards) < self.world_size:
-            raise ValueError(f"{len(self.shards)} shards cannot feed {self.world_size} ranks: every rank needs at least one")
+            raise UserError(f"{len(self.shards)} shards cannot feed {self.world_size} ranks: every rank needs at least one")
 
     def my_shards(self) -> list[str]:
         "The shards this rank and DataLoader worker read."
@@ -303,13 +303,13 @@ def load_class_map(source: str | Path | dict) -> dict[str, str]:
     "Folder name -> class name, from a dict, a JSON object file, or a text file of `<folder> <name>` lines."
     if isinstance(source, dict): return source
     path = Path(source)
-    if not path.is_file(): raise FileNotFoundError(f"{path}: class map not found")
+    if not path.is_file(): raise MissingFileError(f"{path}: class map not found")
     if path.suffix.lower() == ".json": return json.loads(path.read_text(encoding="utf-8"))
     pairs = {}
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip(): continue
         folder, _, name = line.strip().partition(" ")
-        if not name.strip(): raise ValueError(f"{path} line {n}: expected '<folder> <class name>', got {line!r}")
+        if not name.strip(): raise UserError(f"{path} line {n}: expected '<folder> <class name>', got {line!r}")
         pairs[folder] = name.strip()
     return pairs
 
@@ -317,28 +317,28 @@ def load_class_map(source: str | Path | dict) -> dict[str, str]:
 from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
 
 def _cifar(cls, root: Path, split: str, transform, class_map=None):
-    if split not in ("train", "test"): raise ValueError(f"{cls.__name__}: split={split!r}, use 'train' or 'test'")
+    if split not in ("train", "test"): raise UserError(f"{cls.__name__}: split={split!r}, use 'train' or 'test'")
     folder = root/cls.base_folder
     wanted = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
     missing = [f for f in wanted if not (folder/f).is_file()]
     if missing:
-        raise FileNotFoundError(f"{cls.__name__}: {folder} lacks {', '.join(missing)}; nothing is downloaded: "
+        raise MissingFileError(f"{cls.__name__}: {folder} lacks {', '.join(missing)}; nothing is downloaded: "
                                 f"unpack {cls.filename} (from {cls.url}) into {root}")
     try: ds = cls(str(root), train=split == "train", transform=transform, download=False)
-    except RuntimeError as e: raise ValueError(f"{cls.__name__}: files in {folder} fail torchvision's checks ({e}); unpack {cls.filename} again") from e
+    except RuntimeError as e: raise UserError(f"{cls.__name__}: files in {folder} fail torchvision's checks ({e}); unpack {cls.filename} again") from e
     return ds, [c.replace("_", " ") for c in ds.classes]
 
 def _folder(folder: Path, transform, class_map=None, what="imagefolder"):
-    if not folder.is_dir(): raise FileNotFoundError(f"{what}: {folder} not found (expected {folder}/<class>/<image files>)")
+    if not folder.is_dir(): raise MissingFileError(f"{what}: {folder} not found (expected {folder}/<class>/<image files>)")
     try: ds = ImageFolder(str(folder), transform=transform, loader=load_image)
-    except FileNotFoundError as e: raise FileNotFoundError(f"{what}: {folder}: {e} (expected {folder}/<class>/<image files>)") from e
+    except FileNotFoundError as e: raise MissingFileError(f"{what}: {folder}: {e} (expected {folder}/<class>/<image files>)") from e
     if class_map is None:
         if all(re.fullmatch(r"n\d{8}", c) for c in ds.classes):
             warnings.warn(f"{what}: class folders in {folder} are WordNet ids; pass class_map= to name them for prompts")
         return ds, [c.replace("_", " ") for c in ds.classes]
     names = load_class_map(class_map)
     missing = [c for c in ds.classes if c not in names]
-    if missing: raise ValueError(f"{what}: class_map lacks {len(missing)} folders of {folder}: {', '.join(missing[:5])}")
+    if missing: raise UserError(f"{what}: class_map lacks {len(missing)} folders of {folder}: {', '.join(missing[:5])}")
     return ds, [names[c] for c in ds.classes]
 
 def imagenet_classnames() -> list[str]:
@@ -348,7 +348,7 @@ def imagenet_classnames() -> list[str]:
 
 def _imagenet(root: Path, split: str, transform, class_map=None):
     split = "val" if split == "test" else split
-    if split not in ("train", "val"): raise ValueError(f"imagenet: split={split!r}, use 'val' (or its alias 'test') or 'train'")
+    if split not in ("train", "val"): raise UserError(f"imagenet: split={split!r}, use 'val' (or its alias 'test') or 'train'")
     folder = root/split
     if class_map is None and folder.is_dir():
         wnids = sorted(d.name for d in folder.iterdir() if d.is_dir())
@@ -369,5 +369,5 @@ ZERO_SHOT_SETS = {
 def zero_shot_dataset(name: str, root: str | Path, split: str = "test", transform: Callable | None = None,
                       class_map: str | Path | dict | None = None) -> tuple[Dataset, list[str]]:
     "A local classification set `name` under `root` and its class names in label order; never downloads."
-    if name not in ZERO_SHOT_SETS: raise ValueError(f"unknown zero-shot set {name!r}; available: {', '.join(sorted(ZERO_SHOT_SETS))}")
+    if name not in ZERO_SHOT_SETS: raise UserError(f"unknown zero-shot set {name!r}; available: {', '.join(sorted(ZERO_SHOT_SETS))}")
     return ZERO_SHOT_SETS[name](Path(root), split, transform, class_map)
