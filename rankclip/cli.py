@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['COMMANDS', 'HEADLINE_START', 'HEADLINE_END', 'command', 'fetch_data_command', 'prepare_command', 'train_command',
-           'evaluate_command', 'study_command', 'replace_block', 'readme_command', 'build_parser', 'main']
+           'evaluate_command', 'study_command', 'export_command', 'clip_benchmark_command', 'replace_block',
+           'readme_command', 'build_parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #8301226f
 import argparse, sys, time
@@ -74,6 +75,25 @@ def study_command(args, params):
     "Steps of the study pipeline: strip an experiment notebook, train tokenizers, print a cell's plan."
     from rankclip.study import study_main
     study_main(args.args, params)
+
+# %% ../nbs/09_cli.ipynb #d45b1963
+@command("export", (("model",), dict(help="a saved model folder (a run's model/)")),
+         (("out",), dict(help="the folder to write")),
+         (("--format",), dict(choices=["open_clip"], default="open_clip", help="the target library (default: open_clip)")),
+         (("--name",), dict(help="the open_clip model name (default: rankclip-<OUT's folder name>)")))
+def export_command(args, params):
+    "Export a trained model for another library: open_clip's model config and weights."
+    from rankclip.models import load_model
+    from rankclip.openclip import export_open_clip
+    out = export_open_clip(load_model(args.model), args.out, args.name)
+    print(f"{out}: open_clip model; load it with open_clip.create_model_and_transforms('local-dir:{out}')")
+
+@command("clip-benchmark", (("args",), dict(nargs=argparse.REMAINDER, metavar="eval [options]",
+                                            help="CLIP_benchmark's own arguments (clip_benchmark eval --help)")))
+def clip_benchmark_command(args, params):
+    "Run CLIP_benchmark (pip install 'rankclip[benchmark]') on exported models, patched for NumPy 2."
+    from rankclip.openclip import clip_benchmark_main
+    clip_benchmark_main(args.args)
 
 # %% ../nbs/09_cli.ipynb #86c2e34d
 HEADLINE_START, HEADLINE_END = "<!-- headline:start -->", "<!-- headline:end -->"

@@ -70,6 +70,7 @@ class TrainConfig:
     embed_dim: int = 128
     image_size: int = 32
     tokenizer: str | None = None  # a saved tokenizer folder; None: the encoder's default
+    init_from: str | None = None  # an open_clip checkpoint file of the same architecture to start from (fine-tuning)
     # loss: a name in rankclip.losses.LOSSES (clip | rankclip | cyclip); each reads the fields it names
     loss: str = "rankclip"
     lambda_cross: float = 1 / 16
@@ -288,10 +289,14 @@ class ImageTextPairs:
 
 # %% ../nbs/03_train.ipynb #dd99a3ea
 def build_model(cfg: TrainConfig):
-    "The dual encoder the configuration names."
+    "The dual encoder the configuration names, initialised randomly or from the open_clip checkpoint `init_from`."
     from rankclip.models import create_model
-    return create_model(image_encoder=cfg.image_encoder, text_encoder=cfg.text_encoder,
-                        embed_dim=cfg.embed_dim, image_size=cfg.image_size, tokenizer=cfg.tokenizer)
+    model = create_model(image_encoder=cfg.image_encoder, text_encoder=cfg.text_encoder,
+                         embed_dim=cfg.embed_dim, image_size=cfg.image_size, tokenizer=cfg.tokenizer)
+    if cfg.init_from:
+        from rankclip.openclip import load_open_clip_weights
+        load_open_clip_weights(model, cfg.init_from)
+    return model
 
 
 def build_loss(cfg: TrainConfig, rt: Runtime) -> torch.nn.Module:
