@@ -4,12 +4,12 @@
 
 # %% auto #0
 __all__ = ['CLIP_MEAN', 'CLIP_STD', 'STUDY_IMAGE_ENCODERS', 'TEXT_ENCODERS', 'ARCHITECTURE_KEYS', 'to_float_nchw', 'preprocess',
-           'ImageEncoder', 'ResidualAttentionBlock', 'CausalTextTransformer', 'BidirectionalTextEncoder', 'text_spec',
-           'create_text_encoder', 'trim_padding', 'length_groups', 'DualEncoder', 'create_model', 'load_model',
-           'forward_flops', 'n_params']
+           'ModelError', 'ImageEncoder', 'ResidualAttentionBlock', 'CausalTextTransformer', 'BidirectionalTextEncoder',
+           'text_spec', 'create_text_encoder', 'trim_padding', 'length_groups', 'DualEncoder', 'create_model',
+           'load_model', 'forward_flops', 'n_params']
 
 # %% ../nbs/01_models.ipynb #c2d2f718
-import difflib, json, math, os, shutil, tempfile
+import difflib, json, math
 from pathlib import Path
 
 import timm, torch
@@ -20,6 +20,8 @@ from safetensors.torch import load_model as load_safetensors, save_model as save
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from .conv import crop_dead_taps
+from .files import MissingFileError, UserError, replace_dir
 from .text import TextTokenizer, get_tokenizer
 
 # %% ../nbs/01_models.ipynb #a45f2ab4
@@ -54,10 +56,13 @@ def preprocess(images: torch.Tensor, size: int, mean=CLIP_MEAN, std=CLIP_STD) ->
 # %% ../nbs/01_models.ipynb #14ac3291
 STUDY_IMAGE_ENCODERS = ("resnet50", "resnet101", "densenet121", "resnet18")
 
+class ModelError(UserError):
+    "A model setting the user gave (an encoder name, a size, a tokenizer) that cannot work; the message says what to fix."
+
 def _check_positive(**values):
     "Fail unless every value is a positive int."
     for k, v in values.items():
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0: raise ValueError(f"{k}={v!r}: it must be a positive int")
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0: raise ModelError(f"{k}={v!r}: it must be a positive int")
 
 class ImageEncoder(nn.Module):
     "A timm trunk without classifier, then a linear projection to `embed_dim`; it owns its preprocessing."
@@ -66,10 +71,10 @@ class ImageEncoder(nn.Module):
         _check_positive(embed_dim=embed_dim, image_size=image_size)
         if not timm.is_model(name):
             close = difflib.get_close_matches(name, timm.list_models(), n=5)
-            raise ValueError(f"unknown image encoder {name!r}; the study's are {', '.join(STUDY_IMAGE_ENCODERS)}, and any "
-                             f"name in timm.list_models() works (close matches: {', '.join(close) or 'none'})")
+            raise ModelError(f"unknown image encoder {name!r} (closest known: {', '.join(close) or 'none'}); use one of the study's, "
+                             f"{', '.join(STUDY_IMAGE_ENCODERS)}, or any name in timm.list_models()")
         self.name, self.image_size = name, image_size
-        self.trunk = timm.create_model(name, pretrained=False, num_classes=0)
+        self.trunk = crop_dead_taps(timm.create_model(name, pretrained=False, num_classes=0))
         self.proj = nn.Linear(self.trunk.num_features, embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=self.trunk.num_features ** -0.5)
 
@@ -184,14 +189,16 @@ ARCHITECTURE_KEYS = ("layers", "width", "heads", "context_length")
 def text_spec(name: str, **overrides) -> dict:
     "The preset `name` with `overrides` applied, checked for consistency."
     if name not in TEXT_ENCODERS:
-        raise ValueError(f"unknown text encoder {name!r}; available: " +
-                         "; ".join(f"{k} ({v['family']}, {v['layers']} layers x {v['width']} wide)" for k, v in TEXT_ENCODERS.items()))
+        close = difflib.get_close_matches(name, TEXT_ENCODERS, n=3, cutoff=0.3)
+        raise ModelError(f"unknown text encoder {name!r} (closest known: {', '.join(close) or 'none'}); use one of the presets, "
+                         + "; ".join(f"{k} ({v['family']}, {v['layers']} layers x {v['width']} wide)" for k, v in TEXT_ENCODERS.items())
+                         + ", or add one to rankclip.models.TEXT_ENCODERS")
     unknown = set(overrides) - set(ARCHITECTURE_KEYS)
-    if unknown: raise ValueError(f"text encoder {name!r}: unknown setting(s) {sorted(unknown)}; settable: {list(ARCHITECTURE_KEYS)}")
+    if unknown: raise ModelError(f"text encoder {name!r}: unknown setting(s) {sorted(unknown)}; settable: {list(ARCHITECTURE_KEYS)}")
     spec = {**TEXT_ENCODERS[name], **overrides}
     _check_positive(**{k: spec[k] for k in ARCHITECTURE_KEYS})
     if spec["width"] % spec["heads"]:
-        raise ValueError(f"text encoder {name!r}: width {spec['width']} is not divisible by heads {spec['heads']}")
+        raise ModelError(f"text encoder {name!r}: width {spec['width']} is not divisible by heads {spec['heads']}")
     return spec
 
 def create_text_encoder(name: str, embed_dim: int, vocab_size: int, pad_id: int = 0, **overrides) -> nn.Module:
@@ -269,7 +276,7 @@ def _resolve_tokenizer(tokenizer, text_encoder: str, spec: dict) -> TextTokenize
     if isinstance(tokenizer, TextTokenizer): return tokenizer
     if tokenizer is not None: return TextTokenizer.load(tokenizer)
     if spec["family"] == "clip": return get_tokenizer("clip", context_length=min(77, spec["context_length"]))
-    raise ValueError(f"text encoder {text_encoder!r} needs a tokenizer trained for it: pass tokenizer=<folder> written by "
+    raise ModelError(f"text encoder {text_encoder!r} needs a tokenizer trained for it: pass tokenizer=<folder> written by "
                      f"rankclip.text.train_tokenizer({spec['family']!r}, captions, vocab_size, out_dir), or a TextTokenizer")
 
 def create_model(image_encoder: str = "resnet50", text_encoder: str = "clip-12x512", embed_dim: int = 512,
@@ -279,7 +286,7 @@ def create_model(image_encoder: str = "resnet50", text_encoder: str = "clip-12x5
     spec = text_spec(text_encoder, **overrides)
     tok = _resolve_tokenizer(tokenizer, text_encoder, spec)
     if tok.context_length > spec["context_length"]:
-        raise ValueError(f"tokenizer {tok.name!r} makes {tok.context_length} tokens, but text encoder {text_encoder!r} has "
+        raise ModelError(f"tokenizer {tok.name!r} makes {tok.context_length} tokens, but text encoder {text_encoder!r} has "
                          f"{spec['context_length']} positions: use a tokenizer with a shorter context or context_length={tok.context_length}")
     config = dict(image_encoder=image_encoder, text_encoder=text_encoder, embed_dim=embed_dim, image_size=image_size, **overrides)
     return DualEncoder(ImageEncoder(image_encoder, embed_dim, image_size),
@@ -289,30 +296,19 @@ def create_model(image_encoder: str = "resnet50", text_encoder: str = "clip-12x5
 @patch
 def save(self: DualEncoder, dir):
     "Write the model (weights, config, tokenizer) to the folder `dir`, replacing it atomically."
-    dir = Path(dir)
-    dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dir.parent, prefix=f".{dir.name}.tmp."))
-    try:
+    with replace_dir(dir) as tmp:
         save_safetensors(self, str(tmp/"model.safetensors"))
         (tmp/"config.json").write_text(json.dumps(self.config, indent=2) + "\n")
         self.tokenizer.save(tmp)
-        tmp.chmod(0o755)
-        if dir.exists():
-            old = Path(tempfile.mkdtemp(dir=dir.parent, prefix=f".{dir.name}.old."))
-            os.replace(dir, old)
-            os.replace(tmp, dir)
-            shutil.rmtree(old)
-        else: os.replace(tmp, dir)
-    finally: shutil.rmtree(tmp, ignore_errors=True)
 
 def load_model(dir, device="cpu") -> DualEncoder:
     "Rebuild a model saved with `model.save(dir)` from the folder alone."
     dir = Path(dir)
     for f in ("config.json", "model.safetensors", "tokenizer.json"):
-        if not (dir/f).is_file(): raise FileNotFoundError(f"{dir/f}: missing (is {dir} a folder written by model.save?)")
+        if not (dir/f).is_file(): raise MissingFileError(f"{dir/f}: missing (is {dir} a folder written by model.save?)")
     tokenizer = TextTokenizer.load(dir)
     try: model = create_model(**json.loads((dir/"config.json").read_text()), tokenizer=tokenizer)
-    except (TypeError, ValueError) as e: raise ValueError(f"{dir/'config.json'}: {e}") from e
+    except (TypeError, ValueError) as e: raise ModelError(f"{dir/'config.json'}: {e}") from e
     load_safetensors(model, str(dir/"model.safetensors"))
     return model.to(device)
 

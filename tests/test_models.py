@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from rankclip.models import (CLIP_MEAN, CLIP_STD, DualEncoder, TEXT_ENCODERS, create_model, create_text_encoder,
+from rankclip.conv import TapCropConv2d
+from rankclip.files import MissingFileError, UserError
+from rankclip.models import (CLIP_MEAN, CLIP_STD, DualEncoder, ModelError, TEXT_ENCODERS, create_model, create_text_encoder,
                              load_model, preprocess)
 from rankclip.text import fit_tokenizer, get_tokenizer, train_tokenizer
 
@@ -48,6 +50,8 @@ def test_save_load_round_trip(tmp_path, tokenizers, text):
                                                                "tokenizer_settings.json"]
     assert json.loads((tmp_path/"m"/"config.json").read_text()) == model.config
     loaded = load_model(tmp_path/"m").eval()
+    assert isinstance(loaded.image_encoder.trunk.layer4[0].conv1, TapCropConv2d)
+    assert list(loaded.state_dict()) == list(model.state_dict())
     with torch.no_grad():
         a, b = model(images(), CAPTIONS[:3]), loaded(images(), CAPTIONS[:3])
     for k in a:
@@ -60,13 +64,17 @@ def test_save_load_round_trip(tmp_path, tokenizers, text):
 
 
 def test_load_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json: missing"):
+    with pytest.raises(FileNotFoundError, match="config.json: missing") as e:
         load_model(tmp_path)
+    assert isinstance(e.value, MissingFileError) and isinstance(e.value, UserError)
+    with pytest.raises(MissingFileError, match="nothing/config.json: missing"):
+        load_model(tmp_path/"nothing")
     model = small_model()
     model.save(tmp_path/"m")
     (tmp_path/"m"/"config.json").write_text(json.dumps({**model.config, "text_encoder": "nope"}))
-    with pytest.raises(ValueError, match="config.json: unknown text encoder 'nope'"):
+    with pytest.raises(ValueError, match="config.json: unknown text encoder 'nope'") as e:
         load_model(tmp_path/"m")
+    assert isinstance(e.value, ModelError) and isinstance(e.value, UserError)
 
 
 @pytest.mark.parametrize("text", ["clip-2x128", "bert-4x256", "roberta-4x256"])
@@ -227,10 +235,16 @@ def test_presets_build_the_named_architecture(tokenizers):
 
 
 def test_errors_name_what_is_available(tokenizers):
-    with pytest.raises(ValueError, match="unknown text encoder 'gpt2'.*clip-12x512.*bert-base.*roberta-base"):
+    with pytest.raises(ValueError, match="unknown text encoder 'gpt2'.*clip-12x512.*bert-base.*roberta-base") as e:
         create_model("resnet18", "gpt2")
-    with pytest.raises(ValueError, match="unknown image encoder 'resnet5'.*resnet50.*timm.list_models"):
+    assert isinstance(e.value, ModelError) and issubclass(ModelError, UserError)
+    with pytest.raises(ValueError, match="unknown image encoder 'resnet5'.*resnet50.*timm.list_models") as e:
         create_model("resnet5", "clip-2x128")
+    assert isinstance(e.value, ModelError)
+    with pytest.raises(ModelError, match="unknown text encoder 'clip-2x12' .closest known: clip-2x128.*TEXT_ENCODERS"):
+        create_model("resnet18", "clip-2x12")
+    with pytest.raises(ModelError, match="unknown image encoder 'nosuchnet' .closest known: .*timm.list_models"):
+        create_model(image_encoder="nosuchnet")
     with pytest.raises(ValueError, match="width 128 is not divisible by heads 3"):
         create_model("resnet18", "clip-2x128", heads=3)
     with pytest.raises(ValueError, match="embed_dim=0"):
@@ -241,8 +255,9 @@ def test_errors_name_what_is_available(tokenizers):
         create_model("resnet18", "clip-2x128", tokenizer=get_tokenizer("clip"), context_length=16)
     with pytest.raises(ValueError, match="unknown setting.*'depth'"):
         create_model("resnet18", "clip-2x128", depth=3)
-    with pytest.raises(ValueError, match="train_tokenizer\\('bert'"):
+    with pytest.raises(ValueError, match="train_tokenizer\\('bert'") as e:
         create_model("resnet18", "bert-4x256")
+    assert isinstance(e.value, UserError)
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         create_model("resnet18", "bert-4x256", tokenizer="/nonexistent/tok")
     with pytest.raises(ValueError, match="100 tokens, but the positional table holds 77"):
