@@ -1,13 +1,20 @@
 """Samples/s of one full training step (forward, loss, backward, AdamW step) of our dual encoder
-against open_clip's own model at the same architecture, resolution and batch, in one run.
+against open_clip's own model at the same architecture, resolution and batch, in one run; with
+--dead-taps, our step and image tower with and without rankclip.conv's dead-tap skipping instead.
 
     .venv/bin/python bench/train_step.py [--batch 128] [--image-encoder resnet18] [--image-size 32]
         [--text-encoder clip-2x128] [--steps 20] [--device cpu|cuda]
+    .venv/bin/python bench/train_step.py --dead-taps [--encoders resnet18,resnet34,densenet121]
+        [--out bench/results/train_step.md]
 
-Prints a markdown table. Measures, never asserts. Both models see the same real emoji images and
-captions (from prepared/ when present, else prepared on the fly from data/).
+Prints a markdown table (and with --dead-taps writes it to --out, with the machine's fp32 matmul
+GFLOP/s and load average: other processes on the machine slow both columns alike, not the ratio).
+Measures, never asserts. Every model sees the same real emoji images and captions from prepared/.
 """
 import argparse
+import datetime
+import os
+import platform
 import statistics
 import time
 
@@ -34,6 +41,27 @@ def time_steps(step, data, warmup, sync):
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def matmul_gflops(n=2048, repeats=5):
+    "fp32 GFLOP/s of an n x n by n x n matrix product on the CPU, best of `repeats`."
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def cpu_name():
+    "The CPU's model name, as /proc/cpuinfo gives it."
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
 
 
 def ours(args, device, data):
@@ -100,6 +128,49 @@ def open_clip_step(args, device, data, our_model):
     return step, tokenized, n_params
 
 
+def dead_taps_table(args, device, data, sync):
+    "Markdown: image tower forward + backward and full CLIP-loss step, plain convolutions against dead taps skipped."
+    from rankclip.conv import crop_dead_taps, tap_plans
+    load_before, gflops = os.getloadavg(), matmul_gflops()
+    rows = []
+    for name in args.encoders.split(","):
+        steps, tokenized, model = ours(argparse.Namespace(**{**vars(args), "image_encoder": name}), device, data)
+        encoder = model.image_encoder
+        pixels = [(encoder.preprocess(images.to(device)), None) for images, _ in data]
+        n_cropped = len(tap_plans(encoder, pixels[0][0]))
+        # a random projection, not .sum(): through BatchNorm, the gradient of a sum cancels to denormal round-off
+        projection = torch.randn(args.batch, args.embed_dim, generator=torch.Generator().manual_seed(0)).to(device)
+
+        def tower(px, _):
+            encoder.zero_grad(set_to_none=True)
+            (encoder(px) * projection).sum().backward()
+        sec = {}
+        for _ in range(2):  # interleaved rounds: background load hits both alike
+            for on in (False, True):
+                crop_dead_taps(model, enabled=on)
+                sec.setdefault((on, "tower"), []).append(time_steps(tower, pixels, args.warmup, sync))
+                sec.setdefault((on, "step"), []).append(time_steps(steps["clip"], tokenized, args.warmup, sync))
+        best = {k: min(v) for k, v in sec.items()}
+        for on in (False, True):
+            rows.append(f"| {name} | {f'{n_cropped} skip dead taps' if on else 'all plain'} | {1000 * best[on, 'tower']:.0f} | "
+                        f"{1000 * best[on, 'step']:.0f} | {args.batch / best[on, 'step']:.0f} | "
+                        f"{best[False, 'tower'] / best[on, 'tower']:.2f}x | {best[False, 'step'] / best[on, 'step']:.2f}x |")
+        print(rows[-2], rows[-1], sep="\n", flush=True)
+    load_after = os.getloadavg()
+    return "\n".join([
+        f"# Training step with and without dead-tap skipping (`rankclip.conv`)\n",
+        f"{datetime.date.today()}, {cpu_name()}, {device} ({torch.get_num_threads()} threads), torch {torch.__version__}; "
+        f"fp32 matmul (2048 x 2048) {gflops:.0f} GFLOP/s; load average (1, 5, 15 min) "
+        f"{', '.join(f'{x:.2f}' for x in load_before)} before and {', '.join(f'{x:.2f}' for x in load_after)} after "
+        f"(this benchmark's own threads count in the latter; beyond them, other processes shared the cores).\n",
+        f"Image encoder at {args.image_size} px + {args.text_encoder}, embed {args.embed_dim}, batch {args.batch}, float32. "
+        f"Tower: the image encoder's forward and backward on preprocessed pixels. Step: the full training step "
+        f"(both encoders, CLIP loss, backward, AdamW). Median of {args.steps} after {args.warmup} warm-up, best of 2 "
+        f"interleaved rounds.\n",
+        "| image encoder | convolutions | tower ms | step ms | samples/s | tower speed-up | step speed-up |",
+        "|---|---|---|---|---|---|---|", *rows, ""])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=128)
@@ -111,10 +182,19 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--prepared", default="prepared")
+    ap.add_argument("--dead-taps", action="store_true", help="compare our step with and without dead-tap skipping")
+    ap.add_argument("--encoders", default="resnet18,resnet34,densenet121", help="image encoders for --dead-taps")
+    ap.add_argument("--out", default="bench/results/train_step.md", help="where --dead-taps writes its table")
     args = ap.parse_args()
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     data = batches(args.steps + args.warmup, args.batch, args.prepared)
+    if args.dead_taps:
+        from rankclip.files import write_text
+        table = dead_taps_table(args, device, data, sync)
+        print("\n" + table)
+        write_text(args.out, table)
+        return
 
     steps, ours_data, model = ours(args, device, data)
     oc_step, oc_data, oc_params = open_clip_step(args, device, data, model)
