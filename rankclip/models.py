@@ -4,8 +4,9 @@
 
 # %% auto #0
 __all__ = ['CLIP_MEAN', 'CLIP_STD', 'STUDY_IMAGE_ENCODERS', 'TEXT_ENCODERS', 'ARCHITECTURE_KEYS', 'to_float_nchw', 'preprocess',
-           'ModelError', 'ImageEncoder', 'ResidualAttentionBlock', 'CausalTextTransformer', 'BidirectionalTextEncoder',
-           'text_spec', 'create_text_encoder', 'trim_padding', 'length_groups', 'DualEncoder', 'create_model',
+           'ModelError', 'ImageEncoder', 'OpenCLIPImageEncoder', 'create_image_encoder', 'QuickGELU',
+           'ResidualAttentionBlock', 'CausalTextTransformer', 'BidirectionalTextEncoder', 'text_spec',
+           'create_text_encoder', 'describe_encoder', 'trim_padding', 'length_groups', 'DualEncoder', 'create_model',
            'load_model', 'forward_flops', 'n_params']
 
 # %% ../nbs/01_models.ipynb #c2d2f718
@@ -54,7 +55,7 @@ def preprocess(images: torch.Tensor, size: int, mean=CLIP_MEAN, std=CLIP_STD) ->
     return (x - mean) / std
 
 # %% ../nbs/01_models.ipynb #14ac3291
-STUDY_IMAGE_ENCODERS = ("resnet50", "resnet101", "densenet121", "resnet18")
+STUDY_IMAGE_ENCODERS = ("RN50", "RN101", "densenet121", "resnet18", "resnet34")
 
 class ModelError(UserError):
     "A model setting the user gave (an encoder name, a size, a tokenizer) that cannot work; the message says what to fix."
@@ -69,10 +70,7 @@ class ImageEncoder(nn.Module):
     def __init__(self, name: str, embed_dim: int, image_size: int):
         super().__init__()
         _check_positive(embed_dim=embed_dim, image_size=image_size)
-        if not timm.is_model(name):
-            close = difflib.get_close_matches(name, timm.list_models(), n=5)
-            raise ModelError(f"unknown image encoder {name!r} (closest known: {', '.join(close) or 'none'}); use one of the study's, "
-                             f"{', '.join(STUDY_IMAGE_ENCODERS)}, or any name in timm.list_models()")
+        if not timm.is_model(name): raise ModelError(f"{name!r} is not a timm architecture (timm.list_models())")
         self.name, self.image_size = name, image_size
         self.trunk = crop_dead_taps(timm.create_model(name, pretrained=False, num_classes=0))
         self.proj = nn.Linear(self.trunk.num_features, embed_dim, bias=False)
@@ -86,15 +84,54 @@ class ImageEncoder(nn.Module):
         "Preprocessed pixels (N x 3 x R x R) -> unnormalised embeddings (N x embed_dim)."
         return self.proj(self.trunk(pixels))
 
+# %% ../nbs/01_models.ipynb #8cbe626b
+def _open_clip_config(name: str) -> dict | None:
+    "open_clip's bundled model config of `name` (None for a name it does not bundle)."
+    import open_clip
+    return open_clip.get_model_config(name) if name in open_clip.list_models() else None
+
+class OpenCLIPImageEncoder(nn.Module):
+    "An image tower of open_clip's bundled model config `name` (RN50, RN101, ViT-B-32, ...), randomly initialised."
+    def __init__(self, name: str, embed_dim: int, image_size: int):
+        super().__init__()
+        from open_clip.model import _build_vision_tower
+        _check_positive(embed_dim=embed_dim, image_size=image_size)
+        cfg = _open_clip_config(name)
+        if cfg is None: raise ModelError(f"{name!r} is not one of open_clip's bundled models")
+        self.name, self.image_size, self.quick_gelu = name, image_size, bool(cfg.get("quick_gelu", False))
+        self.vision_cfg = {**cfg["vision_cfg"], "image_size": image_size}
+        self.visual = crop_dead_taps(_build_vision_tower(embed_dim, self.vision_cfg, quick_gelu=self.quick_gelu))
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        "Images (uint8 or float in [0, 1], channels first or last) -> normalised N x 3 x `image_size` x `image_size`."
+        return preprocess(images, self.image_size)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        "Preprocessed pixels (N x 3 x R x R) -> unnormalised embeddings (N x embed_dim)."
+        return self.visual(pixels)
+
+def create_image_encoder(name: str, embed_dim: int, image_size: int) -> nn.Module:
+    "The image encoder `name`: timm's architecture of that name, else open_clip's bundled tower."
+    if timm.is_model(name): return ImageEncoder(name, embed_dim, image_size)
+    if _open_clip_config(name) is not None: return OpenCLIPImageEncoder(name, embed_dim, image_size)
+    import open_clip
+    close = difflib.get_close_matches(name, timm.list_models() + open_clip.list_models(), n=5)
+    raise ModelError(f"unknown image encoder {name!r} (closest known: {', '.join(close) or 'none'}); use one of the study's, "
+                     f"{', '.join(STUDY_IMAGE_ENCODERS)}, or any name in timm.list_models() or open_clip.list_models()")
+
 # %% ../nbs/01_models.ipynb #8c418e51
+class QuickGELU(nn.Module):
+    "OpenAI CLIP's GELU approximation x * sigmoid(1.702 x), which its pretrained text transformers were trained with."
+    def forward(self, x: torch.Tensor) -> torch.Tensor: return x * torch.sigmoid(1.702 * x)
+
 class ResidualAttentionBlock(nn.Module):
     "Pre-LN transformer block: causal multi-head self-attention, then a 4x-wide GELU MLP, each residual."
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, quick_gelu: bool = False):
         super().__init__()
         self.heads = heads
         self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
         self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), QuickGELU() if quick_gelu else nn.GELU(), nn.Linear(4 * width, width))
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         "Causal self-attention over the sequence dimension of `x` (N x L x width)."
@@ -111,12 +148,12 @@ class ResidualAttentionBlock(nn.Module):
 class CausalTextTransformer(nn.Module):
     "CLIP's text encoder: causal transformer pooled at the end-of-text token, projected to `embed_dim`."
     def __init__(self, vocab_size: int, embed_dim: int, width: int = 512, layers: int = 12, heads: int = 8,
-                 context_length: int = 77):
+                 context_length: int = 77, quick_gelu: bool = False):
         super().__init__()
-        self.context_length = context_length
+        self.context_length, self.quick_gelu = context_length, quick_gelu
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
-        self.blocks = nn.ModuleList(ResidualAttentionBlock(width, heads) for _ in range(layers))
+        self.blocks = nn.ModuleList(ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers))
         self.ln_final = nn.LayerNorm(width)
         self.proj = nn.Linear(width, embed_dim, bias=False)
         self.init_parameters(width, layers)
@@ -176,6 +213,7 @@ class BidirectionalTextEncoder(nn.Module):
 # %% ../nbs/01_models.ipynb #d31c244c
 TEXT_ENCODERS = {
     "clip-12x512": dict(family="clip", layers=12, width=512, heads=8, context_length=77),
+    "clip-12x512-quickgelu": dict(family="clip", layers=12, width=512, heads=8, context_length=77, quick_gelu=True),
     "bert-base": dict(family="bert", layers=12, width=768, heads=12, context_length=512),
     "roberta-base": dict(family="roberta", layers=12, width=768, heads=12, context_length=512),
     "clip-2x128": dict(family="clip", layers=2, width=128, heads=2, context_length=77),
@@ -208,6 +246,21 @@ def create_text_encoder(name: str, embed_dim: int, vocab_size: int, pad_id: int 
     family = spec.pop("family")
     if family == "clip": return CausalTextTransformer(vocab_size, embed_dim, **spec)
     return BidirectionalTextEncoder(family, vocab_size, embed_dim, pad_id=pad_id, **spec)
+
+# %% ../nbs/01_models.ipynb #2c6454f4
+def describe_encoder(name: str) -> str:
+    "Which implementation an encoder name stands for, in words (for reports)."
+    if name in TEXT_ENCODERS:
+        s = TEXT_ENCODERS[name]
+        what = {"clip": "CLIP's causal text transformer (rankclip)", "bert": "BERT (transformers, from a config)",
+                "roberta": "RoBERTa (transformers, from a config)"}[s["family"]]
+        return f"{what}, {s['layers']} layers x {s['width']} wide" + (", QuickGELU" if s.get("quick_gelu") else "")
+    cfg = None if timm.is_model(name) else _open_clip_config(name)
+    if cfg is None: return f"timm {name}, average-pooled, linear projection"
+    vision = cfg["vision_cfg"]
+    kind = ("OpenAI CLIP's ModifiedResNet (attention pooling)" if isinstance(vision.get("layers"), (list, tuple)) else
+            f"timm {vision['timm_model_name']}" if vision.get("timm_model_name") else "vision transformer")
+    return f"open_clip {name}: {kind}"
 
 # %% ../nbs/01_models.ipynb #daa8da1e
 def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,7 +342,7 @@ def create_model(image_encoder: str = "resnet50", text_encoder: str = "clip-12x5
         raise ModelError(f"tokenizer {tok.name!r} makes {tok.context_length} tokens, but text encoder {text_encoder!r} has "
                          f"{spec['context_length']} positions: use a tokenizer with a shorter context or context_length={tok.context_length}")
     config = dict(image_encoder=image_encoder, text_encoder=text_encoder, embed_dim=embed_dim, image_size=image_size, **overrides)
-    return DualEncoder(ImageEncoder(image_encoder, embed_dim, image_size),
+    return DualEncoder(create_image_encoder(image_encoder, embed_dim, image_size),
                        create_text_encoder(text_encoder, embed_dim, tok.vocab_size, tok.pad_id, **overrides), tok, config)
 
 # %% ../nbs/01_models.ipynb #e83ed4b6

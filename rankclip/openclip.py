@@ -75,7 +75,12 @@ def open_clip_config(model, folder=".") -> tuple[dict, list]:
     hf = isinstance(model.text_encoder, BidirectionalTextEncoder)
     text_cfg, text_rows = (_hf_text_tower(model.text_encoder, model.tokenizer, Path(folder).resolve()) if hf else
                            _clip_text_tower(model.text_encoder, model.tokenizer, model.config["text_encoder"]))
-    cfg = {"embed_dim": model.config["embed_dim"], "vision_cfg": vision_cfg, "text_cfg": text_cfg}
+    quick = bool(getattr(model.text_encoder, "quick_gelu", getattr(model.image_encoder, "quick_gelu", False)))
+    image_quick = getattr(model.image_encoder, "quick_gelu", quick)
+    if image_quick != quick and type(model.image_encoder.visual).__name__ != "ModifiedResNet":
+        raise ExportError(f"image encoder {model.config['image_encoder']!r} and text encoder {model.config['text_encoder']!r} "
+                          "use different GELUs (QuickGELU in one only); open_clip uses one activation for both towers")
+    cfg = {"embed_dim": model.config["embed_dim"], "vision_cfg": vision_cfg, "text_cfg": text_cfg, "quick_gelu": quick}
     if hf: cfg["custom_text"] = True
     return cfg, rows + text_rows + [("logit_scale", "logit_scale", False)]
 
