@@ -18,9 +18,9 @@ from .files import UserError, closest_key, load_yaml, replace_dir, sha256_file, 
 from .losses import LOSSES, create_loss
 
 # %% auto #0
-__all__ = ['TRAINING_SOURCES', 'training_source', 'ConfigError', 'TrainConfig', 'load_training_pairs', 'training_pairs',
-           'Runtime', 'setup_runtime', 'cosine_lr', 'set_lr', 'param_groups', 'build_optimizer', 'GlobalBatchSampler',
-           'ImageTextPairs', 'build_model', 'build_loss', 'CheckpointError', 'save_checkpoint', 'latest_checkpoint',
+__all__ = ['TRAINING_SOURCES', 'training_source', 'ConfigError', 'TrainConfig', 'load_training_pairs', 'Runtime', 'setup_runtime',
+           'cosine_lr', 'set_lr', 'param_groups', 'build_optimizer', 'GlobalBatchSampler', 'ImageTextPairs',
+           'training_pairs', 'build_model', 'build_loss', 'CheckpointError', 'save_checkpoint', 'latest_checkpoint',
            'read_checkpoint', 'run_info', 'NonFiniteLossError', 'first_nonfinite', 'Training', 'setup_training',
            'save_training', 'train_step', 'RunLog', 'fit']
 
@@ -165,11 +165,6 @@ def load_training_pairs(cfg: TrainConfig):
         idx = np.sort(np.random.default_rng(cfg.seed).choice(idx, cfg.limit, replace=False))
     return np.asarray(src.images[idx]), [src.captions[i] for i in idx]
 
-def training_pairs(cfg: TrainConfig, tokenize) -> ImageTextPairs:
-    "The training pairs of the data source `cfg.data` names, held in memory and tokenised with `tokenize`."
-    images, captions = TRAINING_SOURCES[cfg.data](cfg)
-    return ImageTextPairs(images, captions, tokenize)
-
 # %% ../nbs/03_train.ipynb #3d00445b
 @dataclass
 class Runtime:
@@ -286,6 +281,12 @@ class ImageTextPairs:
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
         "Images (uint8, NHWC) and token tensors of the samples `idx`."
         return self.images[idx], {k: v[idx] for k, v in self.tokens.items()}
+
+# %% ../nbs/03_train.ipynb #7c1d2e3f
+def training_pairs(cfg: TrainConfig, tokenize) -> ImageTextPairs:
+    "The training pairs of the data source `cfg.data` names, held in memory and tokenised with `tokenize`."
+    images, captions = TRAINING_SOURCES[cfg.data](cfg)
+    return ImageTextPairs(images, captions, tokenize)
 
 # %% ../nbs/03_train.ipynb #dd99a3ea
 def build_model(cfg: TrainConfig):
