@@ -227,15 +227,9 @@ def tuxpaint_benchmark(ev: Evaluation, src):
 TEMPLATES_FOR = {"cifar10": "cifar", "cifar100": "cifar", "imagenet": "imagenet", "imagefolder": "imagenet"}
 
 def uint8_transform(size: int):
-    "PIL image -> uint8 H x W x 3 tensor: shorter side resized to `size`, centre-cropped."
-    from PIL import Image
-    def transform(im):
-        im = im.convert("RGB")
-        s = size / min(im.size)
-        im = im.resize((max(size, round(im.width * s)), max(size, round(im.height * s))), Image.Resampling.BICUBIC)
-        left, top = (im.width - size) // 2, (im.height - size) // 2
-        return torch.from_numpy(np.asarray(im.crop((left, top, left + size, top + size))).copy())
-    return transform
+    "PIL image -> uint8 H x W x 3 tensor: shorter side resized to `size`, centre-cropped (as training decodes a corpus)."
+    from rankclip.loading import fit_square
+    return lambda im: torch.from_numpy(fit_square(im.convert("RGB"), size).copy())
 
 def folder_features(model, dataset, batch_size: int = 256, cache: FeatureCache | None = None, identity=None):
     "(image features, labels) of a torch dataset of (uint8 image, label), cached under `identity`."

@@ -6,7 +6,8 @@ as img2dataset writes them, and local zero-shot classification sets. Robust to b
 # %% auto #0
 __all__ = ['ON_ERROR', 'IMAGE_EXTS', 'ZERO_SHOT_SETS', 'SampleError', 'ImageError', 'Skipped', 'guard', 'Collated',
            'collate_skipping', 'SkipCounter', 'to_rgb', 'load_image', 'CsvImageText', 'expand_shards', 'split_shards',
-           'ShardImageText', 'write_shard', 'load_class_map', 'imagenet_classnames', 'zero_shot_dataset']
+           'truncated_shard', 'is_whole', 'tar_end_problem', 'ShardImageText', 'write_shard', 'load_class_map',
+           'imagenet_classnames', 'zero_shot_dataset']
 
 # %% ../nbs/00a_formats.ipynb #f697ed3b
 import csv, io, json, re, tarfile, warnings
@@ -242,6 +243,23 @@ def _dist_rank(rank, world_size) -> tuple[int, int]:
     if not 0 <= rank < world_size: raise UserError(f"rank={rank} is outside world_size={world_size}")
     return rank, world_size
 
+def truncated_shard(shard: str, how: str, complete: int) -> SampleError:
+    "The error for a tar shard cut short, naming how it ends and how many complete samples it held."
+    return SampleError("truncated shard", shard, f"{how}; it held {complete:,} complete samples before the cut",
+                       "re-download or re-copy it (an interrupted download or copy leaves a shard cut short)")
+
+def is_whole(exts) -> bool:
+    "Whether a sample's member extensions include an image and a caption."
+    return "txt" in exts and any(e in exts for e in IMAGE_EXTS)
+
+def tar_end_problem(f, offset: int, last: str | None) -> str | None:
+    "None when the uncompressed tar file `f` has its end-of-archive block (512 zero bytes) at `offset`, else how it ends."
+    f.seek(offset)
+    tail = f.read(512)
+    if tail == bytes(512): return None
+    after = last or "its headers"
+    return f"it ends inside the header after {after}" if tail else f"it ends after {after} without the end-of-archive marker"
+
 class ShardImageText(IterableDataset):
     "Image-caption pairs from webdataset tar shards as img2dataset writes them; items are `(image, caption)`."
     def __init__(self, urls: str | Path | Iterable, transform: Callable | None = None, on_error: str = "raise",
@@ -260,22 +278,36 @@ class ShardImageText(IterableDataset):
         return split_shards(self.shards, self.rank, self.world_size, w.id if w else 0, w.num_workers if w else 1)
 
     def __iter__(self):
-        for shard in self.my_shards(): yield from self._shard(shard)
+        for shard in self.my_shards():
+            try: yield from self._shard(shard)
+            except SampleError as e:  # the shard itself is bad: its remaining samples are lost, counted as one skip
+                if self.on_error == "raise": raise
+                yield Skipped(e.reason, e.where)
 
     def _shard(self, shard: str):
+        complete, last, reading, key, group, cut = 0, None, None, None, {}, None
         try:
-            with tarfile.open(shard, mode="r|*") as tar:
-                key, group = None, {}
+            with open(shard, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
                 for m in tar:
                     if not m.isfile(): continue
                     k, ext = _key_ext(m.name)
-                    if k != key and group: yield guard(self.on_error, self._sample, shard, key, group); group = {}
-                    key, group[ext] = k, tar.extractfile(m).read()
-                if group: yield guard(self.on_error, self._sample, shard, key, group)
+                    if k != key and group:
+                        yield guard(self.on_error, self._sample, shard, key, group); complete, group = complete + 1, {}
+                    reading = m.name
+                    data = tar.extractfile(m).read()
+                    if len(data) < m.size: cut = f"it ends inside {m.name}"; break
+                    key, group[ext], last, reading = k, data, m.name, None
+                else:
+                    if tar.fileobj.comptype == "tar": cut = tar_end_problem(f, tar.offset, last)
+        except tarfile.ReadError as e:
+            if "unexpected end" not in str(e) and "truncated" not in str(e):
+                raise SampleError("corrupt shard", shard, f"ReadError: {e}", "re-create or re-download the shard") from e
+            cut = f"it ends inside {reading}" if reading else (f"it ends inside the header after {last}" if last else "it ends inside its first header")
         except (tarfile.TarError, EOFError, OSError) as e:
-            err = SampleError("corrupt shard", shard, f"{type(e).__name__}: {e}", "re-create or re-download the shard")
-            if self.on_error == "raise": raise err from e
-            yield Skipped(err.reason, err.where)
+            raise SampleError("corrupt shard", shard, f"{type(e).__name__}: {e}", "re-create or re-download the shard") from e
+        if group and reading is None and (cut is None or is_whole(group)):  # a cut between members may leave it whole
+            yield guard(self.on_error, self._sample, shard, key, group); complete += 1
+        if cut: raise truncated_shard(shard, cut, complete)
 
     def _sample(self, shard, key, group):
         where = f"{shard}: {key}"
@@ -314,9 +346,9 @@ def load_class_map(source: str | Path | dict) -> dict[str, str]:
     return pairs
 
 # %% ../nbs/00a_formats.ipynb #480e228b
-from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
-
-def _cifar(cls, root: Path, split: str, transform, class_map=None):
+def _cifar(name: str, root: Path, split: str, transform, class_map=None):
+    import torchvision.datasets  # imported when used: it takes seconds
+    cls = getattr(torchvision.datasets, name)
     if split not in ("train", "test"): raise UserError(f"{cls.__name__}: split={split!r}, use 'train' or 'test'")
     folder = root/cls.base_folder
     wanted = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
@@ -330,6 +362,7 @@ def _cifar(cls, root: Path, split: str, transform, class_map=None):
 
 def _folder(folder: Path, transform, class_map=None, what="imagefolder"):
     if not folder.is_dir(): raise MissingFileError(f"{what}: {folder} not found (expected {folder}/<class>/<image files>)")
+    from torchvision.datasets import ImageFolder
     try: ds = ImageFolder(str(folder), transform=transform, loader=load_image)
     except FileNotFoundError as e: raise MissingFileError(f"{what}: {folder}: {e} (expected {folder}/<class>/<image files>)") from e
     if class_map is None:
@@ -360,8 +393,8 @@ def _imagefolder(root: Path, split: str, transform, class_map=None):
     return _folder(root/split if split and (root/split).is_dir() else root, transform, class_map)
 
 ZERO_SHOT_SETS = {
-    "cifar10": partial(_cifar, CIFAR10),
-    "cifar100": partial(_cifar, CIFAR100),
+    "cifar10": partial(_cifar, "CIFAR10"),
+    "cifar100": partial(_cifar, "CIFAR100"),
     "imagenet": _imagenet,
     "imagefolder": _imagefolder,
 }

@@ -100,7 +100,7 @@ def evaluate_options(params: dict, profile: str | None = None) -> dict:
     return opts
 
 # %% ../nbs/05_study.ipynb #2d79db2b
-TRAINING_MODULES = ("data", "text", "conv", "models", "losses", "train")
+TRAINING_MODULES = ("data", "formats", "loading", "text", "conv", "models", "losses", "train")
 
 def code_version(modules=TRAINING_MODULES) -> str:
     "SHA-256 of the source of the rankclip `modules`, in order."
@@ -149,11 +149,13 @@ def strip_notebook(src, dst) -> None:
 
 # %% ../nbs/05_study.ipynb #f6f19401
 def train_tokenizers(params: dict, out=TOKENIZER_DIR, families=("bert", "roberta")) -> dict:
-    "Train each family's tokenizer on the training data's captions into out/<family>; {family: vocab size}."
+    "Train each family's tokenizer on the captions of the active profile's training data into out/<family>; {family: vocab size}."
     from rankclip.text import train_tokenizer
-    from rankclip.train import TRAINING_SOURCES, TrainConfig
-    cfg = TrainConfig.from_dict({k: v for k, v in (params.get("train") or {}).items() if k in ("data", "data_root", "train_vendors")})
-    _, captions = TRAINING_SOURCES[cfg.data](cfg)
+    from rankclip.train import TrainConfig, training_captions
+    _, prof = active_profile(params) if params.get("profile") else (None, {})
+    merged = {**(params.get("train") or {}), **(prof.get("train") or {})}
+    keys = ("data", "data_root", "train_vendors", "data_type", "csv_img_key", "csv_caption_key", "csv_separator", "on_error")
+    captions = training_captions(TrainConfig.from_dict({k: v for k, v in merged.items() if k in keys}))
     tp = params.get("tokenizers") or {}
     return {f: train_tokenizer(f, captions, int(tp.get("vocab_size", 8192)), Path(out) / f,
                                int(tp.get("context_length", 77))).vocab_size for f in families}

@@ -5,7 +5,7 @@
 # %% ../nbs/03_train.ipynb #6d58186f
 from __future__ import annotations
 
-import contextlib, json, math, os, random, shutil, subprocess, time, typing
+import contextlib, json, math, os, random, re, shutil, subprocess, time, typing
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 
@@ -15,14 +15,16 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from .files import UserError, closest_key, load_yaml, replace_dir, sha256_file, write_json
+from .loading import load_batches, merge_skips, skips_report, tally_skips
 from .losses import LOSSES, create_loss
 
 # %% auto #0
 __all__ = ['TRAINING_SOURCES', 'training_source', 'ConfigError', 'TrainConfig', 'load_training_pairs', 'Runtime', 'setup_runtime',
            'cosine_lr', 'set_lr', 'param_groups', 'build_optimizer', 'GlobalBatchSampler', 'ImageTextPairs',
-           'training_pairs', 'build_model', 'build_loss', 'CheckpointError', 'save_checkpoint', 'latest_checkpoint',
-           'read_checkpoint', 'run_info', 'NonFiniteLossError', 'first_nonfinite', 'Training', 'setup_training',
-           'save_training', 'train_step', 'RunLog', 'fit']
+           'training_pairs', 'training_captions', 'build_model', 'build_loss', 'CheckpointError', 'save_checkpoint',
+           'latest_checkpoint', 'read_checkpoint', 'run_info', 'NonFiniteLossError', 'first_nonfinite', 'Training',
+           'setup_training', 'save_training', 'all_sample_skips', 'train_step', 'RunLog', 'device_batches',
+           'shuffle_chunk', 'fit']
 
 # %% ../nbs/03_train.ipynb #02e8f0c8
 TRAINING_SOURCES: dict[str, typing.Callable] = {}
@@ -81,11 +83,21 @@ class TrainConfig:
     cyclip_lambda_cross: float = 0.25
     local_loss: bool = False
     gather_with_grad: bool = True
-    # data: a name in TRAINING_SOURCES (emoji: the prepared emoji drawings under data_root)
+    # data: a name in TRAINING_SOURCES (emoji: the prepared emoji drawings under data_root), or a corpus on
+    # disk as open_clip's --train-data names one: a .csv/.tsv table or a brace pattern of .tar shards
     data: str = "emoji"
     data_root: str = "prepared"
     train_vendors: list = field(default_factory=lambda: ["apple", "google", "twitter"])
     limit: int | None = None  # train on a seeded random subset of this many pairs
+    data_type: str = "auto"  # a corpus on disk: auto (by extension) | table | shards
+    csv_img_key: str = "filepath"  # a table's image path column (open_clip's default)
+    csv_caption_key: str = "title"  # a table's caption column
+    csv_separator: str | None = None  # a table's delimiter; None: "," for .csv, tab otherwise
+    on_error: str = "raise"  # a bad sample of a corpus on disk: raise | skip (counted and replaced)
+    workers: int = 0  # DataLoader processes decoding a corpus on disk, per rank; 0: in the training process
+    prefetch: int = 2  # batches each worker prepares ahead
+    augment: bool = False  # open_clip's random resized crop (scale 0.9-1) when decoding a corpus on disk
+    shuffle_chunk: int | None = None  # shuffle chunks of this many consecutive samples; None: 1000 for shards, 0: all
     # optimisation
     epochs: int = 8
     max_steps: int | None = None  # stop early (tests, smoke runs); the schedule still spans `epochs`
@@ -115,13 +127,17 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        choices = {"loss": sorted(LOSSES), "data": sorted(TRAINING_SOURCES), "precision": ["auto", "fp32", "bf16", "fp16"],
-                   "nonfinite": ["raise", "skip"], "channels_last": ["auto", "on", "off"]}
+        choices = {"loss": sorted(LOSSES), "precision": ["auto", "fp32", "bf16", "fp16"], "nonfinite": ["raise", "skip"],
+                   "channels_last": ["auto", "on", "off"], "data_type": ["auto", "table", "shards"], "on_error": ["raise", "skip"]}
+        if self.data not in TRAINING_SOURCES and not re.search(r"[/\\]|\.(csv|tsv|tar)}?$", self.data):
+            raise ConfigError(f"training parameter data = {self.data!r} is invalid: expected one of {sorted(TRAINING_SOURCES)}, "
+                              f"a .csv/.tsv table or a brace pattern of .tar shards (e.g. /data/cc3m/{{00000..00331}}.tar)")
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"training parameter {name} = {getattr(self, name)!r} is invalid: expected one of {allowed}")
         rules = [(n, "a positive number", lambda x: x > 0) for n in ("batch_size", "epochs", "lr", "checkpoint_every")]
-        rules += [(n, "a number >= 0", lambda x: x >= 0) for n in ("warmup_steps", "lambda_cross", "lambda_in")]
+        rules += [(n, "a number >= 0", lambda x: x >= 0) for n in ("warmup_steps", "lambda_cross", "lambda_in", "workers")]
+        rules += [("prefetch", "a positive number", lambda x: x > 0), ("shuffle_chunk", "None or a number >= 0", lambda x: x is None or x >= 0)]
         for name, want, ok in rules:
             if not ok(getattr(self, name)):
                 raise ConfigError(f"training parameter {name} = {getattr(self, name)!r} is invalid: expected {want}")
@@ -240,8 +256,9 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
 
 # %% ../nbs/03_train.ipynb #1dae950d
 class GlobalBatchSampler:
-    "Deterministic per-epoch global batches, sliced per rank."
-    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+    "Deterministic per-epoch global batches, sliced per rank; `chunk`: shuffle chunks of consecutive samples."
+    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, chunk: int = 0,
+                 window: int = 8):
         if batch_size % world_size:
             raise ValueError(f"batch_size {batch_size} is not divisible by the world size {world_size}: "
                              f"choose a multiple of {world_size}")
@@ -249,14 +266,24 @@ class GlobalBatchSampler:
             raise ValueError(f"the training set has {n} samples, fewer than one batch of {batch_size}: "
                              f"lower batch_size")
         self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
+        self.chunk, self.window = chunk, window
 
     def __len__(self) -> int:
         return self.n // self.batch_size
 
+    def order(self, epoch: int) -> torch.Tensor:
+        "The permutation of the samples that `epoch` goes through, from `(seed, epoch)` alone."
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        if not self.chunk or self.chunk >= self.n:
+            return torch.randperm(self.n, generator=g)
+        starts = torch.randperm(-(-self.n // self.chunk), generator=g) * self.chunk
+        runs = [torch.arange(s, min(s + self.chunk, self.n)) for s in starts.tolist()]
+        windows = [torch.cat(runs[k:k + self.window]) for k in range(0, len(runs), self.window)]
+        return torch.cat([w[torch.randperm(len(w), generator=g)] for w in windows])
+
     def epoch(self, epoch: int, start: int = 0):
         "Yield this rank's index batches of `epoch`, from step `start` on."
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        perm = torch.randperm(self.n, generator=g)
+        perm = self.order(epoch)
         per_rank = self.batch_size // self.world_size
         for step in range(start, len(self)):
             batch = perm[step * self.batch_size:(step + 1) * self.batch_size]
@@ -283,10 +310,33 @@ class ImageTextPairs:
         return self.images[idx], {k: v[idx] for k, v in self.tokens.items()}
 
 # %% ../nbs/03_train.ipynb #7c1d2e3f
-def training_pairs(cfg: TrainConfig, tokenize) -> ImageTextPairs:
-    "The training pairs of the data source `cfg.data` names, held in memory and tokenised with `tokenize`."
-    images, captions = TRAINING_SOURCES[cfg.data](cfg)
-    return ImageTextPairs(images, captions, tokenize)
+def _subset(n: int, cfg: TrainConfig) -> np.ndarray | None:
+    return np.sort(np.random.default_rng(cfg.seed).choice(n, cfg.limit, replace=False)) if cfg.limit and cfg.limit < n else None
+
+def _corpus(cfg: TrainConfig):
+    from rankclip.loading import open_corpus
+    return open_corpus(cfg.data, cfg.data_type, cfg.on_error, cfg.csv_img_key, cfg.csv_caption_key, cfg.csv_separator)
+
+def training_pairs(cfg: TrainConfig, tokenize):
+    "The training pairs `cfg.data` names: a registered source in memory, or a corpus on disk (`CorpusPairs`)."
+    if cfg.data in TRAINING_SOURCES:
+        if cfg.augment:
+            raise ConfigError(f"augment=true applies to a corpus on disk; data={cfg.data!r} is held in memory: set augment=false")
+        images, captions = TRAINING_SOURCES[cfg.data](cfg)
+        return ImageTextPairs(images, captions, tokenize)
+    from rankclip.loading import CorpusPairs
+    corpus = _corpus(cfg)
+    return CorpusPairs(corpus, tokenize, cfg.image_size, cfg.augment, cfg.on_error, cfg.seed, _subset(len(corpus), cfg))
+
+
+def training_captions(cfg: TrainConfig) -> list[str]:
+    "The captions of the training data `cfg.data` names."
+    if cfg.data in TRAINING_SOURCES:
+        return list(TRAINING_SOURCES[cfg.data](cfg)[1])
+    corpus = _corpus(cfg)
+    idx = _subset(len(corpus), cfg)
+    captions = corpus.captions()
+    return captions if idx is None else [captions[i] for i in idx]
 
 # %% ../nbs/03_train.ipynb #dd99a3ea
 def build_model(cfg: TrainConfig):
@@ -447,7 +497,8 @@ class Training:
     loss_fn: typing.Callable
     sampler: GlobalBatchSampler
     step: int = 0
-    skipped: int = 0
+    skipped: int = 0  # steps skipped for a non-finite loss
+    sample_skips: dict = field(default_factory=dict)  # bad samples replaced, by reason (rankclip.loading.tally_skips)
     resumed: bool = False
 
     @property
@@ -463,7 +514,7 @@ class Training:
     def ckpt_dir(self) -> Path: return Path(self.cfg.out_dir) / "checkpoints"
 
 
-def setup_training(cfg: TrainConfig, rt: Runtime, model, n_pairs: int) -> Training:
+def setup_training(cfg: TrainConfig, rt: Runtime, model, n_pairs: int, chunk: int = 0) -> Training:
     "Place the model, build optimiser, scaler, loss and sampler, resume from the latest checkpoint, wrap for DDP/compile."
     is_conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and rt.device.type == "cuda" and is_conv)
@@ -472,7 +523,7 @@ def setup_training(cfg: TrainConfig, rt: Runtime, model, n_pairs: int) -> Traini
     model = model.to(rt.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     t = Training(cfg, rt, model, model, build_optimizer(model, cfg),
                  torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16), build_loss(cfg, rt),
-                 GlobalBatchSampler(n_pairs, cfg.batch_size, cfg.seed, rt.rank, rt.world_size))
+                 GlobalBatchSampler(n_pairs, cfg.batch_size, cfg.seed, rt.rank, rt.world_size, chunk))
     latest = latest_checkpoint(t.ckpt_dir) if cfg.resume else None
     if latest is not None:
         ck = read_checkpoint(latest)
@@ -482,6 +533,7 @@ def setup_training(cfg: TrainConfig, rt: Runtime, model, n_pairs: int) -> Traini
             t.scaler.load_state_dict(ck["state"]["grad_scaler"])
         _set_rng_state(ck["rng"], ck["state"]["rng"])
         t.step, t.skipped, t.resumed = ck["state"]["step"], ck["state"].get("skipped", 0), True
+        t.sample_skips = ck["state"].get("sample_skips", {}) if rt.is_main else {}  # rank 0 saved every rank's
     if rt.distributed:
         t.model = torch.nn.parallel.DistributedDataParallel(
             t.model, **({"device_ids": [rt.device.index]} if rt.device.type == "cuda" else {}))
@@ -493,11 +545,22 @@ def setup_training(cfg: TrainConfig, rt: Runtime, model, n_pairs: int) -> Traini
 
 def save_training(t: Training) -> None:
     "Checkpoint everything `setup_training` restores (rank 0 writes, every rank waits)."
+    skips = all_sample_skips(t)
     if t.rt.is_main:
-        state = {"step": t.step, "skipped": t.skipped, "grad_scaler": t.scaler.state_dict(), "config": asdict(t.cfg)}
+        state = {"step": t.step, "skipped": t.skipped, "sample_skips": skips, "grad_scaler": t.scaler.state_dict(),
+                 "config": asdict(t.cfg)}
         save_checkpoint(t.ckpt_dir, t.raw_model, t.optimizer, state, keep=t.cfg.keep_checkpoints)
     if t.rt.distributed:
         dist.barrier()
+
+
+def all_sample_skips(t: Training) -> dict:
+    "The skipped-sample tally of every rank, merged (a collective: every rank calls it)."
+    if not t.rt.distributed:
+        return t.sample_skips
+    tallies = [None] * t.rt.world_size
+    dist.all_gather_object(tallies, t.sample_skips)
+    return merge_skips(tallies)
 
 # %% ../nbs/03_train.ipynb #cbec6929
 def train_step(t: Training, images: torch.Tensor, tokens: dict, epoch: int) -> tuple[dict, torch.Tensor]:
@@ -559,20 +622,23 @@ class RunLog:
             row = {f"train/{k}": float(v.detach()) for k, v in terms.items()}
             row.update({"train/logit_scale": float(logit_scale.detach()), "train/lr": lr,
                         "perf/samples_per_s": self.samples / dt, "perf/data_wait_frac": self.waited / dt,
-                        "train/skipped_steps": t.skipped})
+                        "train/skipped_steps": t.skipped, "train/skipped_samples": sum(e["count"] for e in t.sample_skips.values())})
             for k, v in row.items():
                 self.live.log_metric(k, v)
             self.live.next_step()
             if self.bar is not None:
-                self.bar.set_postfix({k.split("/")[1]: f"{v:.3g}" for k, v in row.items() if k != "train/skipped_steps"})
+                self.bar.set_postfix({k.split("/")[1]: f"{v:.3g}" for k, v in row.items() if "skipped" not in k})
             self.window_start, self.waited, self.samples = time.perf_counter(), 0.0, 0
         if self.bar is not None:
             self.bar.update(1)
 
-    def finish(self, terms: dict) -> dict:
+    def finish(self, terms: dict, opened: dict | None = None) -> dict:
         "Save the final model and run.json with the run's summary (rank 0); return the summary."
         t = self.t
+        skips = merge_skips([opened or {}, all_sample_skips(t)])
         summary = {"steps": t.step, "epochs_run": t.step / t.steps_per_epoch, "skipped_steps": t.skipped,
+                   "skipped_samples": sum(e["count"] for e in skips.values()),
+                   **({"skips": skips_report(skips)} if skips else {}),
                    **{f"final_{k}": float(v.detach()) for k, v in terms.items()}}
         if t.rt.is_main:
             _unwrap(t.raw_model).save(Path(t.cfg.out_dir) / "model")
@@ -588,27 +654,43 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 # %% ../nbs/03_train.ipynb #6e0123ac
-def fit(cfg: TrainConfig, pairs: ImageTextPairs | None = None, model=None) -> dict:
+def device_batches(t: Training, pairs, epoch: int, start: int):
+    "This rank's batches of `epoch` from step `start`, decoded (in `workers` processes for a corpus) and moved to the device."
+    cfg, dev = t.cfg, t.rt.device
+    for b in load_batches(pairs, list(t.sampler.epoch(epoch, start)), epoch, cfg.workers, dev.type == "cuda", cfg.prefetch):
+        yield b.images.to(dev, non_blocking=True), {k: v.to(dev, non_blocking=True) for k, v in b.tokens.items()}, b.skipped
+
+
+def shuffle_chunk(cfg: TrainConfig, pairs) -> int:
+    "The sampler's chunk: `cfg.shuffle_chunk`, or by default 1,000 for tar shards and a full shuffle otherwise."
+    if cfg.shuffle_chunk is not None:
+        return cfg.shuffle_chunk
+    return 1000 if getattr(getattr(pairs, "corpus", None), "kind", None) == "shards" else 0
+
+
+def fit(cfg: TrainConfig, pairs=None, model=None) -> dict:
     "Train a dual encoder as `cfg` says; returns a summary dict."
     rt = setup_runtime(cfg)
     torch.manual_seed(cfg.seed); random.seed(cfg.seed); np.random.seed(cfg.seed)
     model = model if model is not None else build_model(cfg)
     pairs = pairs if pairs is not None else training_pairs(cfg, model.tokenize)
-    t = setup_training(cfg, rt, model, len(pairs))
+    t = setup_training(cfg, rt, model, len(pairs), shuffle_chunk(cfg, pairs))
     log, terms = RunLog(t), {}
     while t.step < t.last_step:
         epoch, start = divmod(t.step, t.steps_per_epoch)
-        for idx in t.sampler.epoch(epoch, start):
+        stream = device_batches(t, pairs, epoch, start)
+        while t.step < t.last_step:
             with log.waiting():
-                images, tokens = pairs.batch(idx)
-                images = images.to(rt.device, non_blocking=True)
-                tokens = {k: v.to(rt.device, non_blocking=True) for k, v in tokens.items()}
+                batch = next(stream, None)
+            if batch is None:
+                break
+            images, tokens, skipped = batch
+            tally_skips(t.sample_skips, skipped)
             lr = set_lr(t.optimizer, cosine_lr(t.step, cfg.lr, cfg.warmup_steps, t.total_steps))
             terms, logit_scale = train_step(t, images, tokens, epoch)
             t.step += 1
-            log.step(terms, logit_scale, lr, len(idx) * rt.world_size)
+            log.step(terms, logit_scale, lr, len(images) * rt.world_size)
             if t.step % cfg.checkpoint_every == 0 or t.step == t.last_step:
                 save_training(t)
-            if t.step >= t.last_step:
-                break
-    return log.finish(terms)
+        stream.close()
+    return log.finish(terms, tally_skips({}, getattr(getattr(pairs, "corpus", None), "problems", [])))

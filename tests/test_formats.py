@@ -315,12 +315,28 @@ def test_shard_corrupt_image_names_member(tmp_path):
 def test_truncated_shard(tmp_path):
     write_shard(tmp_path / "s.tar", [(f"{i:03d}", {"png": png("red"), "txt": b"red"}) for i in range(4)])
     data = (tmp_path / "s.tar").read_bytes()
-    (tmp_path / "cut.tar").write_bytes(data[: 512 * 3 + 100])
-    with pytest.raises(SampleError, match=r"cut\.tar: corrupt shard"):
+    (tmp_path / "cut.tar").write_bytes(data[: 512 * 3 + 100])  # inside the header after 000.txt
+    with pytest.raises(SampleError, match=r"cut\.tar: truncated shard \(it ends inside the header after 000\.txt; it held 1 complete"):
         list(ShardImageText(tmp_path / "cut.tar"))
     counter = SkipCounter()
-    list(counter.track(ShardImageText(tmp_path / "cut.tar", on_error="skip")))
-    assert "1 corrupt shard (" in counter.report()
+    assert [c for _, c in counter.track(ShardImageText(tmp_path / "cut.tar", on_error="skip"))] == ["red"]
+    assert "1 truncated shard (" in counter.report()
+
+
+def test_ten_sample_shard_cut_at_55_percent_is_reported_as_truncated(tmp_path):
+    # The case of the issue: an interrupted copy of a 10-sample shard read as "006: missing text",
+    # and in skip mode as 6 samples with "skipped 1 of 7".
+    write_shard(tmp_path / "s.tar", [(f"{i:03d}", {"jpg": png("red"), "txt": b"red", "json": b"{}"}) for i in range(10)])
+    data = (tmp_path / "s.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[: int(len(data) * 0.55)])
+    with pytest.raises(SampleError) as e:
+        list(ShardImageText(tmp_path / "cut.tar"))
+    assert "cut.tar: truncated shard (it ends" in str(e.value) and "missing text" not in str(e.value)
+    held = int(str(e.value).split("it held ")[1].split()[0])
+    counter = SkipCounter()
+    kept = list(counter.track(ShardImageText(tmp_path / "cut.tar", on_error="skip")))
+    assert len(kept) == held and 0 < held < 10
+    assert counter.by_reason() == {"truncated shard": [str(tmp_path / "cut.tar")]}
 
 
 def test_missing_shard_file(tmp_path):

@@ -42,7 +42,7 @@ def run_train(cfg: dict, nproc: int = 1, **popen):
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "--no-python", *cmd]
-    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(cmd, **{"env": ENV, **popen}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def finish(p, timeout=600):
