@@ -22,7 +22,7 @@ from .formats import (IMAGE_EXTS, CsvImageText, SampleError, Skipped, _key_ext, 
 __all__ = ['ON_ERROR_FIX', 'MAX_SUBSTITUTES', 'CORPUS_TYPES', 'TarMember', 'TarScan', 'scan_tar', 'index_cache_dir',
            'cached_scan', 'TarSample', 'group_samples', 'ShardCorpus', 'TableCorpus', 'crop_box', 'fit_square',
            'RawBatch', 'Batch', 'CorpusPairs', 'load_batches', 'tally_skips', 'merge_skips', 'skips_report',
-           'corpus_type', 'open_corpus', 'corpus_samples', 'make_corpus']
+           'register_corpus', 'corpus_type', 'open_corpus', 'corpus_samples', 'make_corpus']
 
 # %% ../nbs/03a_loading.ipynb #922dae82
 class TarMember(NamedTuple):
@@ -340,26 +340,38 @@ def skips_report(tally: dict) -> str:
              for r, e in sorted(tally.items(), key=lambda kv: -kv[1]["count"])]
     return f"skipped {n:,} samples" + (": " + "; ".join(parts) if parts else "")
 
-# %% ../nbs/03a_loading.ipynb #d96bd66a
-CORPUS_TYPES = {"table": TableCorpus, "shards": ShardCorpus}
+# %% ../nbs/03a_loading.ipynb #0a6a778f
+CORPUS_TYPES: dict[str, tuple[tuple[str, ...], Callable]] = {}
+
+def register_corpus(name: str, extensions: tuple[str, ...]):
+    "Register the decorated `open(data, on_error, img_key, caption_key, sep)` as corpus type `name`, recognised by `extensions`."
+    def register(f):
+        CORPUS_TYPES[name] = (extensions, f)
+        return f
+    return register
+
+@register_corpus("table", (".csv", ".tsv"))
+def _open_table(data, on_error, img_key, caption_key, sep): return TableCorpus(data, img_key, caption_key, sep, on_error)
+
+@register_corpus("shards", (".tar",))
+def _open_shards(data, on_error, img_key, caption_key, sep): return ShardCorpus(data, on_error)
 
 def corpus_type(data: str, data_type: str = "auto") -> str:
-    "`table` or `shards` for the training data spec `data`."
+    "The corpus type (`table`, `shards`, ...) of the training data spec `data`."
     if data_type != "auto":
         if data_type not in CORPUS_TYPES: raise UserError(f"data_type={data_type!r}: use auto or one of {sorted(CORPUS_TYPES)}")
         return data_type
     first = expand_shards(data)[0].lower()
-    if first.endswith((".csv", ".tsv")): return "table"
-    if first.endswith(".tar"): return "shards"
-    raise UserError(f"train.data={data!r}: cannot tell a .csv/.tsv table from .tar shards by its extension; "
-                    f"set train.data_type to table or shards")
+    kind = next((k for k, (exts, _) in CORPUS_TYPES.items() if first.endswith(exts)), None)
+    if kind is None:
+        known = ", ".join(f"{e} ({k})" for k, (exts, _) in CORPUS_TYPES.items() for e in exts)
+        raise UserError(f"train.data={data!r}: its extension names no corpus type (known: {known}); set train.data_type")
+    return kind
 
 def open_corpus(data: str, data_type: str = "auto", on_error: str = "raise", img_key: str = "filepath",
-                caption_key: str = "title", sep: str | None = None, cache: str | Path | None = None):
-    "The corpus (`TableCorpus` or `ShardCorpus`) the training data spec `data` names."
-    kind = corpus_type(data, data_type)
-    if kind == "table": return TableCorpus(data, img_key, caption_key, sep, on_error)
-    return ShardCorpus(data, on_error, cache)
+                caption_key: str = "title", sep: str | None = None):
+    "The corpus the training data spec `data` names (a `TableCorpus`, a `ShardCorpus`, ...)."
+    return CORPUS_TYPES[corpus_type(data, data_type)][1](data, on_error, img_key, caption_key, sep)
 
 # %% ../nbs/03a_loading.ipynb #68d5a323
 def corpus_samples(data="data", size: int = 224, limit: int | None = None, seed: int = 0,

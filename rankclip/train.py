@@ -5,7 +5,7 @@
 # %% ../nbs/03_train.ipynb #6d58186f
 from __future__ import annotations
 
-import contextlib, json, math, os, random, re, shutil, subprocess, time, typing
+import contextlib, json, math, os, random, shutil, subprocess, time, typing
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 
@@ -15,7 +15,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from .files import UserError, closest_key, load_yaml, replace_dir, sha256_file, write_json
-from .loading import load_batches, merge_skips, skips_report, tally_skips
+from .loading import CORPUS_TYPES, load_batches, merge_skips, skips_report, tally_skips
 from .losses import LOSSES, create_loss
 
 # %% auto #0
@@ -114,6 +114,7 @@ class TrainConfig:
     device: str = "auto"  # auto: CUDA when present
     precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU; fp16 trains with a gradient scaler
     compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: trace and differentiate without code generation)
     channels_last: str = "auto"  # auto: on CUDA for convolutional image encoders
     sync_bn: bool = False
     threads: int | None = None
@@ -128,8 +129,9 @@ class TrainConfig:
 
     def __post_init__(self):
         choices = {"loss": sorted(LOSSES), "precision": ["auto", "fp32", "bf16", "fp16"], "nonfinite": ["raise", "skip"],
-                   "channels_last": ["auto", "on", "off"], "data_type": ["auto", "table", "shards"], "on_error": ["raise", "skip"]}
-        if self.data not in TRAINING_SOURCES and not re.search(r"[/\\]|\.(csv|tsv|tar)}?$", self.data):
+                   "channels_last": ["auto", "on", "off"], "data_type": ["auto", *sorted(CORPUS_TYPES)], "on_error": ["raise", "skip"]}
+        extensions = [e for exts, _ in CORPUS_TYPES.values() for e in exts]
+        if self.data not in TRAINING_SOURCES and not ("/" in self.data or "\\" in self.data or self.data.endswith(tuple(extensions))):
             raise ConfigError(f"training parameter data = {self.data!r} is invalid: expected one of {sorted(TRAINING_SOURCES)}, "
                               f"a .csv/.tsv table or a brace pattern of .tar shards (e.g. /data/cc3m/{{00000..00331}}.tar)")
         for name, allowed in choices.items():
@@ -538,7 +540,7 @@ def setup_training(cfg: TrainConfig, rt: Runtime, model, n_pairs: int, chunk: in
         t.model = torch.nn.parallel.DistributedDataParallel(
             t.model, **({"device_ids": [rt.device.index]} if rt.device.type == "cuda" else {}))
     if cfg.compile:
-        t.model = torch.compile(t.model)
+        t.model = torch.compile(t.model, backend=cfg.compile_backend)
     t.model.train()
     return t
 
