@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from gpu_check import bf16_agreement  # noqa: E402
 
-from rankclip.loading import make_corpus, open_corpus  # noqa: E402
+from rankclip.loading import fit_square, make_corpus, open_corpus  # noqa: E402
 from rankclip.study import load_params, resolve_run  # noqa: E402
 from rankclip.train import fit  # noqa: E402
 
@@ -64,7 +64,6 @@ def main():
     steady = win[1:] or win
     corpus = open_corpus(info["pattern"])
     captions = corpus.captions()[: cfg.batch_size]
-    from rankclip.loading import fit_square
     images = np.stack([fit_square(corpus.read(i)[0], cfg.image_size) for i in range(cfg.batch_size)])
     agree = bf16_agreement(replace(cfg, out_dir=str(runs / "agree"), max_steps=None), images, captions)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"

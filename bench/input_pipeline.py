@@ -12,23 +12,18 @@ import argparse
 import json
 import math
 import os
-import platform
-import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from rankclip.loading import CorpusPairs, load_batches, make_corpus, open_corpus
-from rankclip.models import create_model
-from rankclip.train import GlobalBatchSampler
+sys.path.insert(0, str(Path(__file__).parent))
+from train_step import cpu_name  # noqa: E402
 
-
-def cpu_name() -> str:
-    try:
-        return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
+from rankclip.loading import CorpusPairs, load_batches, make_corpus, open_corpus  # noqa: E402
+from rankclip.models import create_model  # noqa: E402
+from rankclip.train import GlobalBatchSampler  # noqa: E402
 
 
 def rate(pairs, workers: int, batches: int, batch_size: int, chunk: int) -> dict:

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from .files import MissingFileError, UserError, write_json
-from .formats import (IMAGE_EXTS, CsvImageText, SampleError, Skipped, _key_ext, expand_shards, load_image,
+from .formats import (IMAGE_EXTS, CsvImageText, SampleError, Skipped, _check_on_error, _key_ext, expand_shards, load_image,
                       is_whole, tar_end_problem, truncated_shard)
 
 # %% auto #0
@@ -113,7 +113,7 @@ class ShardCorpus:
 
     def __init__(self, urls: str | Path | Iterable, on_error: str = "raise", cache: str | Path | None = None,
                  max_pixels: int | None = None):
-        if on_error not in ("raise", "skip"): raise UserError(f"on_error={on_error!r}: use 'raise' or 'skip'")
+        _check_on_error(on_error)
         self.shards, self.on_error, self.max_pixels = expand_shards(urls), on_error, max_pixels
         missing = [s for s in self.shards if not Path(s).is_file()]
         if missing:

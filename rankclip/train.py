@@ -15,6 +15,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from .files import UserError, closest_key, load_yaml, replace_dir, sha256_file, write_json
+from .formats import ON_ERROR
 from .loading import CORPUS_TYPES, load_batches, merge_skips, skips_report, tally_skips
 from .losses import LOSSES, create_loss
 
@@ -129,7 +130,7 @@ class TrainConfig:
 
     def __post_init__(self):
         choices = {"loss": sorted(LOSSES), "precision": ["auto", "fp32", "bf16", "fp16"], "nonfinite": ["raise", "skip"],
-                   "channels_last": ["auto", "on", "off"], "data_type": ["auto", *sorted(CORPUS_TYPES)], "on_error": ["raise", "skip"]}
+                   "channels_last": ["auto", "on", "off"], "data_type": ["auto", *sorted(CORPUS_TYPES)], "on_error": list(ON_ERROR)}
         extensions = [e for exts, _ in CORPUS_TYPES.values() for e in exts]
         if self.data not in TRAINING_SOURCES and not ("/" in self.data or "\\" in self.data or self.data.endswith(tuple(extensions))):
             raise ConfigError(f"training parameter data = {self.data!r} is invalid: expected one of {sorted(TRAINING_SOURCES)}, "

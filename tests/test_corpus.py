@@ -1,22 +1,14 @@
 """Training from a corpus on disk (rankclip.loading): tar shards and a CSV table made by `make_corpus`, decoded in
 DataLoader workers; resume after SIGKILL, DDP with workers, bad samples at scale, and the error messages."""
-import io
 import json
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
-from PIL import Image
 
 from rankclip.formats import CsvImageText, ShardImageText, write_shard
 from rankclip.loading import ShardCorpus, TableCorpus
-from rankclip.train import latest_checkpoint, read_checkpoint
-from test_train import BIN, ENV, final_params, finish, params_file, run_train
+from test_train import ENV, final_params, finish, kill_after_checkpoint, params_file, run_train
 
 
 def shards(root) -> str:
@@ -64,18 +56,8 @@ def test_resume_after_sigkill_on_shards_with_workers_is_bit_identical(tmp_path, 
     ref = small(tmp_path / "ref", shards(corpus_root), workers=0, **kw)
     finish(run_train(ref, env=env(tmp_path)))
     cut = small(tmp_path / "cut", shards(corpus_root), workers=2, checkpoint_every=2, **kw)
-    p = run_train(cut, env=env(tmp_path))
     ckpts = Path(cut["out_dir"]) / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline:  # 8 steps per epoch: kill in epoch 1, after checkpoint 10 exists
-        latest = latest_checkpoint(ckpts) if (ckpts / "latest.json").exists() else None
-        if latest is not None and latest.name >= "step_00000010":
-            break
-        assert p.poll() is None, p.stdout.read()[-4000:]
-        time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    killed_at = read_checkpoint(latest_checkpoint(ckpts))["state"]["step"]
+    killed_at = kill_after_checkpoint(run_train(cut, env=env(tmp_path)), ckpts, 10)  # 8 steps per epoch: in epoch 1
     assert 10 <= killed_at < 16, killed_at
     out = finish(run_train(cut, env=env(tmp_path)))
     assert json.loads(out.strip().splitlines()[-1])["steps"] == 16

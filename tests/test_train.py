@@ -55,22 +55,26 @@ def final_params(out) -> dict:
     return load_file(Path(out) / "model" / "model.safetensors")
 
 
-def test_resume_after_sigkill_is_bit_identical(tmp_path, prepared_root):
-    ref = tiny(tmp_path / "ref", prepared_root)
-    finish(run_train(ref))
-    cut = tiny(tmp_path / "cut", prepared_root, checkpoint_every=2)
-    p = run_train(cut)
-    ckpts = Path(cut["out_dir"]) / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill mid-epoch 1 (8 steps per epoch), after checkpoint 4 exists
+def kill_after_checkpoint(p, ckpts: Path, step: int, timeout: float = 300) -> int:
+    "SIGKILL the training process `p` once a checkpoint at `step` or later exists under `ckpts`; the step it holds."
+    deadline = time.time() + timeout
+    while time.time() < deadline:
         latest = latest_checkpoint(ckpts) if (ckpts / "latest.json").exists() else None
-        if latest is not None and latest.name >= "step_00000004":
+        if latest is not None and latest.name >= f"step_{step:08d}":
             break
         assert p.poll() is None, p.stdout.read()[-4000:]
         time.sleep(0.05)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    killed_at = read_checkpoint(latest_checkpoint(ckpts))["state"]["step"]
+    return read_checkpoint(latest_checkpoint(ckpts))["state"]["step"]
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path, prepared_root):
+    ref = tiny(tmp_path / "ref", prepared_root)
+    finish(run_train(ref))
+    cut = tiny(tmp_path / "cut", prepared_root, checkpoint_every=2)
+    ckpts = Path(cut["out_dir"]) / "checkpoints"
+    killed_at = kill_after_checkpoint(run_train(cut), ckpts, 4)  # mid-epoch 1 (8 steps per epoch)
     assert 4 <= killed_at < 16, killed_at
     out = finish(run_train(cut))
     assert json.loads(out.strip().splitlines()[-1])["steps"] == 16
