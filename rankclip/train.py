@@ -5,7 +5,7 @@
 # %% ../nbs/03_train.ipynb #6d58186f
 from __future__ import annotations
 
-import contextlib, json, math, os, random, shutil, subprocess, time, typing
+import contextlib, json, math, os, platform, random, shutil, subprocess, time, typing
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 
@@ -17,14 +17,14 @@ from safetensors.torch import load_file, save_file
 from .files import UserError, closest_key, load_yaml, replace_dir, sha256_file, write_json
 from .formats import ON_ERROR
 from .loading import CORPUS_TYPES, load_batches, merge_skips, skips_report, tally_skips
-from .losses import LOSSES, create_loss
+from .losses import LISTMLE, LOSSES, create_loss
 
 # %% auto #0
 __all__ = ['TRAINING_SOURCES', 'training_source', 'ConfigError', 'TrainConfig', 'load_training_pairs', 'Runtime', 'setup_runtime',
            'cosine_lr', 'set_lr', 'param_groups', 'build_optimizer', 'GlobalBatchSampler', 'ImageTextPairs',
            'training_pairs', 'training_captions', 'build_model', 'build_loss', 'CheckpointError', 'save_checkpoint',
-           'latest_checkpoint', 'read_checkpoint', 'run_info', 'NonFiniteLossError', 'first_nonfinite', 'Training',
-           'setup_training', 'save_training', 'all_sample_skips', 'train_step', 'RunLog', 'device_batches',
+           'latest_checkpoint', 'read_checkpoint', 'run_info', 'cpu_info', 'NonFiniteLossError', 'first_nonfinite',
+           'Training', 'setup_training', 'save_training', 'all_sample_skips', 'train_step', 'RunLog', 'device_batches',
            'shuffle_chunk', 'fit']
 
 # %% ../nbs/03_train.ipynb #02e8f0c8
@@ -80,6 +80,7 @@ class TrainConfig:
     lambda_in: float = 1 / 16
     position_decay: bool = False
     official_ramp: bool = False
+    listmle: str = "exact"  # exact (closed form) | allrank (the official code's ListMLE, its 1e-10 floor included)
     cyclip_lambda_in: float = 0.25
     cyclip_lambda_cross: float = 0.25
     local_loss: bool = False
@@ -129,7 +130,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        choices = {"loss": sorted(LOSSES), "precision": ["auto", "fp32", "bf16", "fp16"], "nonfinite": ["raise", "skip"],
+        choices = {"loss": sorted(LOSSES), "precision": ["auto", "fp32", "bf16", "fp16"], "nonfinite": ["raise", "skip"], "listmle": list(LISTMLE),
                    "channels_last": ["auto", "on", "off"], "data_type": ["auto", *sorted(CORPUS_TYPES)], "on_error": list(ON_ERROR)}
         extensions = [e for exts, _ in CORPUS_TYPES.values() for e in exts]
         if self.data not in TRAINING_SOURCES and not ("/" in self.data or "\\" in self.data or self.data.endswith(tuple(extensions))):
@@ -475,7 +476,15 @@ def run_info(cfg: TrainConfig, rt: Runtime) -> dict:
     dev = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else (
         subprocess.run(["uname", "-m"], capture_output=True, text=True).stdout.strip() + f" CPU, {torch.get_num_threads()} threads")
     return {"config": asdict(cfg), "rankclip_version": rankclip.__version__, "git_commit": commit, "git_dirty": dirty,
-            "torch": torch.__version__, "device": dev, "world_size": rt.world_size, "precision": str(rt.dtype)}
+            "torch": torch.__version__, "device": dev, "cpu": cpu_info(), "world_size": rt.world_size, "precision": str(rt.dtype)}
+
+def cpu_info() -> dict:
+    "The CPU a result was computed on: model name, the vector instructions PyTorch's kernels use and its threads (runs are bit-identical only on alike CPUs)."
+    model = None
+    try: model = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), None)
+    except OSError: pass
+    return {"model": model or platform.processor() or platform.machine(), "capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "cores": os.cpu_count()}
 
 # %% ../nbs/03_train.ipynb #29b6c955
 class NonFiniteLossError(UserError, FloatingPointError):
