@@ -5,9 +5,10 @@ the prepared source it reads and its own options, and zero-shot on local torchvi
 
 # %% auto #0
 __all__ = ['BENCHMARKS', 'FASHION_NAMES', 'TEMPLATES_FOR', 'Benchmark', 'benchmark', 'benchmark_options', 'Evaluation',
-           'load_templates', 'held_out_vendor_of', 'heldout_vendor_benchmark', 'openmoji_benchmark',
-           'openmoji_probe_split', 'stratified_subset', 'fashion_mnist_benchmark', 'tuxpaint_benchmark',
-           'uint8_transform', 'folder_features', 'zero_shot_folder']
+           'load_templates', 'held_out_vendor_of', 'heldout_vendor_benchmark', 'retrieval_examples',
+           'openmoji_benchmark', 'openmoji_probe_split', 'subcategory_key', 'cross_style_benchmark',
+           'stratified_subset', 'fashion_mnist_benchmark', 'tuxpaint_benchmark', 'uint8_transform', 'folder_features',
+           'zero_shot_folder']
 
 # %% ../nbs/04c_benchmarks.ipynb #ab6d9d35
 import json, os, time
@@ -21,26 +22,31 @@ import torch
 
 from .data import VENDORS, emoji_names, held_out_vendor_split, member_prompts
 from .features import (FeatureCache, class_embeddings, content_hash, image_features, model_device,
-                               model_fingerprint, pixel_features, text_features)
+                               model_fingerprint, pixel_features, recalibrate_batchnorm, text_features)
 from .files import UserError
-from .stats import (PROBE_CS, average_embeddings, classification_metrics, fit_linear_probe, kind_of,
-                            modality_gap, prompt_ensembles, prompt_groups, retrieval, zero_shot)
+from .stats import (PROBE_CS, average_embeddings, classification_metrics, effective_rank, few_shot, fit_linear_probe,
+                            kind_of, modality_gap, prompt_ensembles, prompt_groups, rank_consistency, retrieval, zero_shot)
 
 # %% ../nbs/04c_benchmarks.ipynb #ebe907a8
 @dataclass(frozen=True)
 class Benchmark:
     "A registered benchmark: the prepared source it reads, its options (name -> (default, help)) and its function."
     name: str
-    source: str
+    source: str | tuple
     options: dict
     run: Callable
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        "The prepared sources it reads, in the order `run` takes them."
+        return (self.source,) if isinstance(self.source, str) else tuple(self.source)
 
 BENCHMARKS: dict[str, Benchmark] = {}
 
 def benchmark(name: str, source: str, **options):
     "Register the decorated `run(ev, src, **options)` as benchmark `name` on prepared `source`; `options`: name=(default, help)."
     owner = {o: b.name for b in BENCHMARKS.values() if b.name != name for o in b.options}
-    if taken := sorted(set(options) & set(owner)):
+    if taken := sorted(o for o in set(options) & set(owner) if BENCHMARKS[owner[o]].options[o] != options[o]):
         raise ValueError(f"benchmark {name!r}: option {taken[0]!r} already belongs to benchmark {owner[taken[0]]!r}; "
                          "options share one namespace (params.yaml evaluate, the flags of rankclip evaluate)")
     def register(run):
@@ -62,8 +68,9 @@ def benchmark_options(names, options: dict | None = None, checkpoint=None) -> di
 # %% ../nbs/04c_benchmarks.ipynb #8810b13b
 class Evaluation:
     "Runs benchmarks for one model and collects {result: {metric: estimate}} and per-result details."
-    def __init__(self, model, cache: FeatureCache | None = None, n_boot: int = 1000, seed: int = 0, random_model=None):
-        self.model, self.cache, self.n_boot, self.seed = model, cache or FeatureCache(), n_boot, seed
+    def __init__(self, model, cache: FeatureCache | None = None, n_boot: int = 1000, seed: int = 0, random_model=None,
+                 probe_max_iter: int = 100):
+        self.model, self.cache, self.n_boot, self.seed, self.probe_max_iter = model, cache or FeatureCache(), n_boot, seed, probe_max_iter
         self.random_model, self.fingerprint = random_model, model_fingerprint(model)
         self.metrics, self.details, self.text_memory = {}, {}, {}
 
@@ -72,15 +79,15 @@ class Evaluation:
         kind_of(name)
         self.metrics[name], self.details[name] = metrics, details
 
-    def run(self, benchmark: str, src, **options):
-        "Run the registered `benchmark` on prepared source `src` with its `options`; its results' details get its time."
+    def run(self, benchmark: str, *srcs, **options):
+        "Run the registered `benchmark` on its prepared sources `srcs` with its `options`; its results' details get its time."
         t0, n0 = time.perf_counter(), len(self.details)
-        BENCHMARKS[benchmark].run(self, src, **options)
+        BENCHMARKS[benchmark].run(self, *srcs, **options)
         for name in list(self.details)[n0:]: self.details[name].setdefault("benchmark_seconds", round(time.perf_counter() - t0, 2))
 
-    def images(self, images, model=None) -> np.ndarray:
-        "Cached image features of `images` under this model (or `model`)."
-        return image_features(model or self.model, images, cache=self.cache)
+    def images(self, images, model=None, layer: str = "embedding") -> np.ndarray:
+        "Cached image features of `images` under this model (or `model`): embeddings, or the tower before its projection (`layer` trunk)."
+        return image_features(model or self.model, images, cache=self.cache, layer=layer)
 
     def texts(self, texts: list[str]) -> np.ndarray:
         "Text features, each distinct text encoded once per evaluation."
@@ -95,22 +102,59 @@ class Evaluation:
         self.add(name, m, n_classes=len(prompts), prompts_per_class=[len(p) for p in prompts],
                  example_prompts=[p[:3] for p in prompts[:5]], **details)
 
-    def probes(self, name, images, labels, train, test, n_classes):
-        "Linear probes on this model's features and, cached across checkpoints, on raw pixels and a random encoder's."
-        runs = {"": (self.fingerprint, lambda: self.images(images)),
-                ".pixels": ("pixels", lambda: pixel_features(images, train, seed=self.seed))}
+    def feature_sets(self, images, train) -> dict:
+        """What a probe compares, {result suffix: (identity, features)}: '' the model's tower before its projection (CLIP's
+        protocol), `.embedding` after it, `.pixels` raw pixels (PCA fit on rows `train`) and `.random_encoder` a random-init tower
+        of the same architecture with BatchNorm statistics of the images `train`. Baselines are cached across checkpoints."""
+        trunk = hasattr(self.model, "image_trunk")
+        sets = {"": (self.fingerprint, lambda: self.images(images, layer="trunk" if trunk else "embedding"))}
+        if trunk: sets[".embedding"] = (self.fingerprint, lambda: self.images(images))
+        pixels = content_hash("pixels", images, train, self.seed)
+        sets[".pixels"] = (pixels, lambda: self.cache.get(pixels, lambda: pixel_features(images, train, seed=self.seed)))
         if self.random_model is not None:
-            runs[".random_encoder"] = (model_fingerprint(self.random_model), lambda: self.images(images, self.random_model))
-        for suffix, (fp, features) in runs.items():
+            random = content_hash("random_encoder", model_fingerprint(self.random_model), images, train)
+            def random_features():
+                import copy
+                rm = copy.deepcopy(self.random_model)
+                recalibrate_batchnorm(rm, np.asarray(images)[train])
+                return image_features(rm, images, layer="trunk" if hasattr(rm, "image_trunk") else "embedding")
+            sets[".random_encoder"] = (random, lambda: self.cache.get(random, random_features))
+        return sets
+
+    def _baselines_cached(self, what, images, labels, train, tests: dict, compute) -> None:
+        "For each feature set, `compute(features)` -> {result: (metrics, details)}; baselines' results cached as JSON under `what` (JSON-able) and the rows."
+        for suffix, (identity, features) in self.feature_sets(images, train).items():
             def run():
-                t0, x = time.perf_counter(), features()
-                probe = fit_linear_probe(x[train], labels[train], seed=self.seed)
-                m = classification_metrics(probe.scores(x[test], n_classes), labels[test], (1,), self.n_boot, self.seed)
-                return {"metrics": m, "details": dict(n_train=len(train), n_test=len(test), dims=int(x.shape[1]),
-                                                      probe=probe.info, seconds=round(time.perf_counter() - t0, 2))}
-            key = fp and content_hash("probe", fp, images, labels, train, test, self.n_boot, self.seed, PROBE_CS)
-            r = run() if not suffix else self.cache.get(key, run, "json")
-            self.add(f"{name}{suffix}", r["metrics"], **r["details"])
+                t0, x = time.perf_counter(), np.asarray(features())
+                out = compute(x)
+                info = {"dims": int(x.shape[1]), "effective_rank": round(effective_rank(x[train]), 2),
+                        "features": {"": "trunk" if hasattr(self.model, "image_trunk") else "embedding"}.get(suffix, suffix[1:]),
+                        "seconds": round(time.perf_counter() - t0, 2)}
+                return {name: {"metrics": m, "details": {**d, **info}} for name, (m, d) in out.items()}
+            rows = [p for name in sorted(tests) for p in (name, np.asarray(tests[name]))]
+            key = None if suffix in ("", ".embedding") else content_hash(what, identity, images, labels, train, *rows,
+                                                                         self.n_boot, self.seed, PROBE_CS, self.probe_max_iter)
+            r = run() if key is None else self.cache.get(key, run, "json")
+            for name, res in r.items(): self.add(f"{name}{suffix}", res["metrics"], **res["details"])
+
+    def probes(self, images, labels, train, tests: dict, n_classes: int):
+        "Linear probes fit on rows `train` and scored on each of `tests` ({result name: rows}), for every feature set."
+        labels = np.asarray(labels)
+        def compute(x):
+            probe = fit_linear_probe(x[train], labels[train], max_iter=self.probe_max_iter, seed=self.seed)
+            return {name: (classification_metrics(probe.scores(x[test], n_classes), labels[test], (1,), self.n_boot, self.seed),
+                           dict(n_train=len(train), n_test=len(test), probe=probe.info)) for name, test in tests.items()}
+        self._baselines_cached("probe", images, labels, train, tests, compute)
+
+    def few_shots(self, images, labels, pool, tests: dict, draws: int = 10):
+        "Nearest-centroid few-shot results, {result name: (test rows, shots per class or None for all of `pool`)}, for every feature set."
+        labels = np.asarray(labels)
+        def compute(x):
+            return {name: (few_shot(x, labels, pool, test, shots, draws, self.n_boot, self.seed),
+                           dict(shots=shots, draws=draws if shots else 1, n_pool=len(pool), n_test=len(test),
+                                n_classes=len(np.unique(labels[test])))) for name, (test, shots) in tests.items()}
+        what = ["few_shot", draws, {name: shots for name, (_, shots) in tests.items()}]
+        self._baselines_cached(what, images, labels, pool, {name: test for name, (test, _) in tests.items()}, compute)
 
 # %% ../nbs/04c_benchmarks.ipynb #26be2cbf
 FASHION_NAMES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
@@ -158,11 +202,29 @@ def heldout_vendor_benchmark(ev: Evaluation, src, held_out_vendor: str):
                      class_names=src.label_names[level] if kept is None else [src.label_names[level][c] for c in kept[0]])
     texts = ev.texts([src.captions[i] for i in test])
     ev.add("heldout_vendor.modality_gap", modality_gap(feats, texts, ev.n_boot, ev.seed), vendor=held_out_vendor)
+    plain = np.asarray(src.labels["skin_tone"])[test] == none
+    ev.add("heldout_vendor.rank_consistency", rank_consistency(feats, texts, n_boot=ev.n_boot, seed=ev.seed), vendor=held_out_vendor,
+           **retrieval_examples(feats, texts, test, [src.captions[i] for i in test], plain, seed=ev.seed))
+
+def retrieval_examples(feats, texts, index, captions, eligible, n_queries: int = 4, k: int = 5, n_rows: int = 200, seed: int = 0) -> dict:
+    """For a report to show: `gallery`, the top-`k` images (rows of the source, `index`) of `n_queries` seeded captions among `eligible`
+    pairs, and `example`, one pair's row of S_IT and of S_TI over `n_rows` seeded pairs that include it."""
+    rng = np.random.default_rng(seed)
+    queries = np.sort(rng.choice(np.flatnonzero(eligible), min(n_queries, int(np.sum(eligible))), replace=False))
+    top = np.argsort(-(texts[queries] @ feats.T), axis=1, kind="stable")[:, :k]
+    gallery = [{"caption": captions[q], "true": int(index[q]), "top": [int(index[j]) for j in row]} for q, row in zip(queries, top)]
+    rows = np.sort(np.r_[queries[0], rng.choice(np.setdiff1d(np.arange(len(feats)), queries[:1]), min(n_rows, len(feats)) - 1, replace=False)])
+    at = int(np.searchsorted(rows, queries[0]))
+    u, v = feats[rows], texts[rows]
+    example = {"pair": int(index[queries[0]]), "caption": captions[queries[0]], "position": at,
+               "s_it": np.round(u[at] @ v.T, 5).tolist(), "s_ti": np.round(v[at] @ u.T, 5).tolist()}
+    return {"gallery": gallery, "example": example}
 
 # %% ../nbs/04c_benchmarks.ipynb #095b57b4
-@benchmark("openmoji", source="openmoji")
-def openmoji_benchmark(ev: Evaluation, src):
-    "Zero-shot at three levels and subcategory linear probes on OpenMoji (a different artist's style)."
+@benchmark("openmoji", source="openmoji", few_shots=((1, 4, 16), "examples per class of the few-shot probes"),
+           few_shot_draws=(10, "draws of the few-shot examples"))
+def openmoji_benchmark(ev: Evaluation, src, few_shots=(1, 4, 16), few_shot_draws: int = 10):
+    "Zero-shot at three levels, subcategory linear probes and few-shot probes on OpenMoji (a different artist's style)."
     everything = np.arange(len(src))
     names = emoji_names(src.captions, src.labels["emoji"], src.labels["skin_tone"], src.label_names["skin_tone"].index("none"))
     feats = ev.images(src.images)
@@ -171,7 +233,12 @@ def openmoji_benchmark(ev: Evaluation, src):
         ev.zero_shot(f"openmoji.zero_shot.{level}", picked, prompts, labels,
                      class_names=src.label_names[level] if kept is None else [src.label_names[level][c] for c in kept[0]])
     train, test, labels, n_classes = openmoji_probe_split(src, seed=ev.seed)
-    ev.probes("openmoji.linear_probe.subcategory", src.images, labels, train, test, n_classes)
+    ev.probes(src.images, labels, train, {"openmoji.linear_probe.subcategory": test}, n_classes)
+    enough = [c for c in range(n_classes) if np.sum(labels[train] == c) >= max(few_shots)]
+    if not enough: raise UserError(f"few_shots={tuple(few_shots)}: no OpenMoji subcategory has {max(few_shots)} probe training images; ask for fewer")
+    shot_test = test[np.isin(labels[test], enough)]
+    ev.few_shots(src.images, labels, train[np.isin(labels[train], enough)],
+                 {f"openmoji.few_shot.shots{k}": (shot_test, k) for k in few_shots}, draws=few_shot_draws)
 
 def openmoji_probe_split(src, min_images: int = 5, seed: int = 0):
     "(train, test, labels, n_classes): subcategories with >= `min_images`, half of each one's emoji to test."
@@ -185,6 +252,45 @@ def openmoji_probe_split(src, min_images: int = 5, seed: int = 0):
     inside = labels >= 0
     test = np.flatnonzero(inside & np.isin(emoji, test_emoji))
     return np.flatnonzero(inside & ~np.isin(emoji, test_emoji)), test, labels, len(keep)
+
+# %% ../nbs/04c_benchmarks.ipynb #6a30a07c
+def subcategory_key(name: str) -> str:
+    "A subcategory as both sources can spell it ('arts & crafts', 'arts-crafts' -> 'arts-crafts')."
+    return name.replace(" & ", "-")
+
+def _translate(labels, names, to_names) -> np.ndarray:
+    "Labels into the index of `to_names`, matched through `subcategory_key`; -1 where it has no match."
+    index = {subcategory_key(n): i for i, n in enumerate(to_names)}
+    table = np.array([index.get(subcategory_key(n), -1) for n in names] + [-1])
+    return table[np.asarray(labels)]
+
+@benchmark("cross_style", source=("emoji", "openmoji"),
+           held_out_vendor=(held_out_vendor_of, "vendor to test on (default: the one the training run left out, else facebook)"),
+           cross_style_emoji=(600, "emoji (a seeded sample) whose training-vendor drawings the cross-style probes fit on"))
+def cross_style_benchmark(ev: Evaluation, emoji, openmoji, held_out_vendor: str, cross_style_emoji: int = 600):
+    "Subcategory probes and emoji-identity nearest centroids fit on the training vendors' drawings, tested on the held-out vendor's and OpenMoji's."
+    plain = lambda src: np.asarray(src.labels["skin_tone"]) == src.label_names["skin_tone"].index("none")
+    vendor = np.asarray(emoji.labels["vendor"]) == emoji.label_names["vendor"].index(held_out_vendor)
+    ids = np.asarray(emoji.labels["emoji"])
+    candidates = np.unique(ids[plain(emoji) & ~vendor])
+    chosen = np.random.default_rng(ev.seed).choice(candidates, min(cross_style_emoji, len(candidates)), replace=False)
+    train = np.flatnonzero(plain(emoji) & ~vendor & np.isin(ids, chosen))
+    vendor_rows, om_rows = np.flatnonzero(plain(emoji) & vendor), np.flatnonzero(plain(openmoji))
+    images = np.concatenate([emoji.images[train], emoji.images[vendor_rows], openmoji.images[om_rows]])
+    sub = np.concatenate([np.asarray(emoji.labels["subcategory"])[np.r_[train, vendor_rows]],
+                          _translate(np.asarray(openmoji.labels["subcategory"])[om_rows], openmoji.label_names["subcategory"],
+                                     emoji.label_names["subcategory"])])
+    ident = np.concatenate([np.asarray(emoji.labels["emoji"])[np.r_[train, vendor_rows]],
+                            _translate(np.asarray(openmoji.labels["emoji"])[om_rows], openmoji.label_names["emoji"], emoji.label_names["emoji"])])
+    rows = np.arange(len(images))
+    fit, on_vendor, on_openmoji = rows[: len(train)], rows[len(train): len(train) + len(vendor_rows)], rows[len(train) + len(vendor_rows):]
+    classes = np.unique(sub[fit])
+    labels = np.where(np.isin(sub, classes), np.searchsorted(classes, sub), -1)
+    ev.probes(images, labels, fit, {"cross_style.linear_probe.vendor": on_vendor[labels[on_vendor] >= 0],
+                                    "cross_style.linear_probe.openmoji": on_openmoji[labels[on_openmoji] >= 0]}, len(classes))
+    known = np.isin(ident, ident[fit])
+    ev.few_shots(images, ident, fit, {"cross_style.few_shot.vendor_emoji": (on_vendor[known[on_vendor]], None),
+                                      "cross_style.few_shot.openmoji_emoji": (on_openmoji[known[on_openmoji]], None)})
 
 # %% ../nbs/04c_benchmarks.ipynb #154b577e
 def stratified_subset(labels, n: int, seed: int = 0) -> np.ndarray:
@@ -208,7 +314,7 @@ def fashion_mnist_benchmark(ev: Evaluation, src, fashion_train: int, fashion_tes
     images, local = np.asarray(src.images[idx]), np.arange(len(idx))
     ev.zero_shot("fashion_mnist.zero_shot", ev.images(images)[len(train):], prompt_ensembles(FASHION_NAMES, templates), y[test],
                  class_names=FASHION_NAMES, templates=templates)
-    ev.probes("fashion_mnist.linear_probe", images, y[idx], local[: len(train)], local[len(train):], len(FASHION_NAMES))
+    ev.probes(images, y[idx], local[: len(train)], {"fashion_mnist.linear_probe": local[len(train):]}, len(FASHION_NAMES))
 
 # %% ../nbs/04c_benchmarks.ipynb #e81901d1
 @benchmark("tuxpaint", source="tuxpaint")
@@ -222,6 +328,7 @@ def tuxpaint_benchmark(ev: Evaluation, src):
     ev.add("tuxpaint.retrieval", retrieval(feats, texts, relevant, n_boot=ev.n_boot, seed=ev.seed),
            n_images=len(src), n_texts=len(pool))
     ev.add("tuxpaint.modality_gap", modality_gap(feats, texts[owner], ev.n_boot, ev.seed))
+    ev.add("tuxpaint.rank_consistency", rank_consistency(feats, texts[owner], n_boot=ev.n_boot, seed=ev.seed))
 
 # %% ../nbs/04c_benchmarks.ipynb #cd45658a
 TEMPLATES_FOR = {"cifar10": "cifar", "cifar100": "cifar", "imagenet": "imagenet", "imagefolder": "imagenet"}

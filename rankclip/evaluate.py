@@ -19,24 +19,28 @@ from .stats import linear_probe, modality_gap, retrieval, zero_shot
 
 # %% ../nbs/04_evaluate.ipynb #01468244
 def random_encoder_like(model, seed: int = 0):
-    "A freshly initialised model of `model`'s architecture (from its config), or None if it cannot be built."
+    "A freshly initialised model of `model`'s architecture (from its config) with every BatchNorm scale 1, or None if it cannot be built."
     from rankclip.models import create_model
     torch.manual_seed(seed)
-    try: return create_model(**model.config, tokenizer=getattr(model, "tokenizer", None))
-    except TypeError: return create_model(**model.config)
+    try: random = create_model(**model.config, tokenizer=getattr(model, "tokenizer", None))
+    except TypeError: random = create_model(**model.config)
+    with torch.no_grad():
+        for m in random.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.weight is not None: m.weight.fill_(1.0)
+    return random
 
 def evaluate_model(model, sources: dict, settings: dict, cache: FeatureCache | None = None, n_boot: int = 1000,
-                   seed: int = 0, random_model=None) -> Evaluation:
+                   seed: int = 0, random_model=None, probe_max_iter: int = 100) -> Evaluation:
     "Run each benchmark of `settings` ({benchmark: options}) on `sources` ({source: PreparedSource}); return the `Evaluation`."
-    ev = Evaluation(model, cache, n_boot, seed, random_model)
+    ev = Evaluation(model, cache, n_boot, seed, random_model, probe_max_iter)
     for name, options in settings.items():
-        source = BENCHMARKS[name].source
-        if source not in sources: raise KeyError(f"benchmark {name!r} needs prepared source {source!r}")
-        ev.run(name, sources[source], **options)
+        if missing := [s for s in BENCHMARKS[name].sources if s not in sources]:
+            raise KeyError(f"benchmark {name!r} needs prepared source {missing[0]!r}")
+        ev.run(name, *[sources[s] for s in BENCHMARKS[name].sources], **options)
     return ev
 
 def evaluate_checkpoint(checkpoint, out=None, prepared="prepared", benchmarks=None, zero_shot_sets=(), cache_dir=None,
-                        n_boot: int = 1000, seed: int = 0, baselines: bool = True, **options) -> dict:
+                        n_boot: int = 1000, seed: int = 0, baselines: bool = True, probe_max_iter: int = 100, **options) -> dict:
     "Evaluate the model folder `checkpoint` on `benchmarks` (default: all) with their `options`; write out/metrics.json and out/details/."
     from rankclip.data import load_prepared
     from rankclip.models import load_model
@@ -47,9 +51,9 @@ def evaluate_checkpoint(checkpoint, out=None, prepared="prepared", benchmarks=No
     out = Path(out) if out else checkpoint.parent / "eval"
     cache = FeatureCache(cache_dir if cache_dir is not None else Path.home() / ".cache" / "rankclip" / "features")
     model = load_model(checkpoint)
-    sources = {BENCHMARKS[b].source: load_prepared(BENCHMARKS[b].source, prepared) for b in benchmarks}
+    sources = {s: load_prepared(s, prepared) for b in benchmarks for s in BENCHMARKS[b].sources}
     random_model = random_encoder_like(model, seed) if baselines else None
-    ev = evaluate_model(model, sources, settings, cache, n_boot, seed, random_model)
+    ev = evaluate_model(model, sources, settings, cache, n_boot, seed, random_model, probe_max_iter)
     for spec in zero_shot_sets:
         t1 = time.perf_counter()
         m, info = zero_shot_folder(model, spec["name"], spec["root"], spec.get("split", "test"), spec.get("class_map"),
@@ -58,7 +62,7 @@ def evaluate_checkpoint(checkpoint, out=None, prepared="prepared", benchmarks=No
     for name, d in ev.details.items(): write_json(out / "details" / f"{name}.json", d)
     write_json(out / "details" / "_run.json",
                {"checkpoint": str(checkpoint), "model_config": getattr(model, "config", None), "fingerprint": model_fingerprint(model),
-                "n_boot": n_boot, "seed": seed, **{k: v for opts in settings.values() for k, v in opts.items()},
+                "n_boot": n_boot, "seed": seed, "probe_max_iter": probe_max_iter, **{k: v for opts in settings.values() for k, v in opts.items()},
                 "benchmarks": list(benchmarks), "zero_shot_sets": list(zero_shot_sets),
                 "cache": {"dir": str(cache.root), "hits": cache.hits, "misses": cache.misses},
                 "seconds": round(time.perf_counter() - t0, 2)})
@@ -85,9 +89,14 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="feature cache (default: ~/.cache/rankclip/features; '' disables)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates (default 1000)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--probe-max-iter", type=int, default=100, help="L-BFGS iterations per linear-probe fit (default 100)")
+    seen = set()
     for b in BENCHMARKS.values():
         for name, (default, text) in b.options.items():
-            p.add_argument(f"--{name.replace('_', '-')}", type=str if callable(default) else type(default),
+            if name in seen: continue
+            seen.add(name)
+            kind = {"nargs": "+", "type": type(default[0])} if isinstance(default, tuple) else {"type": str if callable(default) else type(default)}
+            p.add_argument(f"--{name.replace('_', '-')}", **kind,
                            help=f"{b.name}: {text}" + ("" if callable(default) else f" (default {default})"))
     p.add_argument("--no-baselines", action="store_true", help="skip the random-encoder probe baseline")
     return p
@@ -97,7 +106,7 @@ def evaluate_main(argv: list[str] | None = None) -> dict:
     a = evaluate_parser().parse_args(argv)
     options = {o: getattr(a, o) for b in BENCHMARKS.values() for o in b.options}
     metrics = evaluate_checkpoint(a.checkpoint, a.out, a.prepared, a.benchmark, a.zero_shot, a.cache_dir, a.n_boot, a.seed,
-                                  not a.no_baselines, **options)
+                                  not a.no_baselines, a.probe_max_iter, **options)
     for bench, ms in metrics.items():
         first = next(iter(ms)); e = ms[first]
         fmt = lambda x: "n/a" if x is None or not math.isfinite(x) else f"{x:.4f}"

@@ -80,6 +80,15 @@ class ImageEncoder(nn.Module):
         "Images (uint8 or float in [0, 1], channels first or last) -> normalised N x 3 x `image_size` x `image_size`."
         return preprocess(images, self.image_size)
 
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        "Preprocessed pixels -> the trunk's pooled features before the projection (N x num_features)."
+        return self.trunk(pixels)
+
+    def features_and_embedding(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        "`features` and the unnormalised embedding, from one pass through the tower."
+        x = self.trunk(pixels)
+        return x, self.proj(x)
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         "Preprocessed pixels (N x 3 x R x R) -> unnormalised embeddings (N x embed_dim)."
         return self.proj(self.trunk(pixels))
@@ -105,6 +114,22 @@ class OpenCLIPImageEncoder(nn.Module):
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         "Images (uint8 or float in [0, 1], channels first or last) -> normalised N x 3 x `image_size` x `image_size`."
         return preprocess(images, self.image_size)
+
+    def features(self, pixels: torch.Tensor) -> torch.Tensor:
+        "Preprocessed pixels -> features before the projection: ModifiedResNet's last stage averaged over space (the input of its attention pool, whose output is the projection), a ViT's pooled token."
+        return self.features_and_embedding(pixels)[0]
+
+    def features_and_embedding(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        "`features` and the unnormalised embedding, from one pass through the tower."
+        v = self.visual
+        if hasattr(v, "attnpool"):
+            x = v.stem(pixels)
+            for layer in (v.layer1, v.layer2, v.layer3, v.layer4): x = layer(x)
+            return x.mean((2, 3)), v.attnpool(x)
+        if hasattr(v, "_pool") and getattr(v, "proj", None) is not None:
+            pooled = v._pool(v.transformer(v._embeds(pixels)))[0]
+            return pooled, pooled @ v.proj
+        raise ModelError(f"{self.name}: features before the projection are defined for ModifiedResNet and ViT towers only")
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         "Preprocessed pixels (N x 3 x R x R) -> unnormalised embeddings (N x embed_dim)."
@@ -300,6 +325,11 @@ class DualEncoder(nn.Module):
         "Image embeddings (N x embed_dim) of raw images, L2-normalised unless `normalize=False`."
         x = self.image_encoder(self.preprocess(images.to(self.device, non_blocking=True)))
         return F.normalize(x, dim=-1) if normalize else x
+
+    def image_trunk(self, images: torch.Tensor, with_embedding: bool = False):
+        "Image features before the projection head (N x the tower's width), what CLIP's linear-probe protocol fits on; with the normalised embeddings (one pass) if asked."
+        x, e = self.image_encoder.features_and_embedding(self.preprocess(images.to(self.device, non_blocking=True)))
+        return (x, F.normalize(e, dim=-1)) if with_embedding else x
 
     def encode_text(self, texts, normalize: bool = True) -> torch.Tensor:
         "Text embeddings (N x embed_dim) of captions or of `tokenize`'s output, L2-normalised unless `normalize=False`."

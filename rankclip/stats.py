@@ -6,8 +6,9 @@ and the modality gap, computed from embeddings; and, per kind of result, what th
 # %% auto #0
 __all__ = ['RESULT_KINDS', 'PROBE_CS', 'ResultKind', 'result_kind', 'kind_of', 'bootstrap_weights', 'estimate', 'weighted_mean',
            'true_class_rank', 'mean_recall_stat', 'classification_metrics', 'prompt_ensembles', 'prompt_groups',
-           'average_embeddings', 'zero_shot', 'validation_split', 'LinearProbe', 'fit_linear_probe', 'linear_probe',
-           'relevance_matrix', 'first_hit_rank', 'random_hit_rate', 'retrieval', 'modality_gap']
+           'average_embeddings', 'zero_shot', 'validation_split', 'SoftmaxRegression', 'LinearProbe',
+           'fit_linear_probe', 'linear_probe', 'effective_rank', 'few_shot', 'relevance_matrix', 'first_hit_rank',
+           'random_hit_rate', 'retrieval', 'modality_gap', 'rank_consistency']
 
 # %% ../nbs/04a_stats.ipynb #ab6d9d35
 import functools, math, warnings
@@ -135,6 +136,41 @@ def validation_split(labels, fraction: float = 0.2, seed: int = 0) -> tuple[np.n
     return np.setdiff1d(np.arange(len(labels)), val), val
 
 # %% ../nbs/04a_stats.ipynb #62b49845
+class SoftmaxRegression:
+    "Multinomial logistic regression by full-batch L-BFGS (PyTorch; float32, or float64 if `double`): scikit-learn's objective, intercept unpenalised."
+    def __init__(self, C: float = 1.0, max_iter: int = 100, tol: float = 1e-5, double: bool = False):
+        self.C, self.max_iter, self.tol, self.double, self.coef_, self.intercept_, self.n_iter_ = C, max_iter, tol, double, None, None, 0
+
+    def fit(self, x, y, warm_start: bool = True):
+        "Minimise C * sum of cross-entropies + |W|^2 / 2 (divided by C n: the same minimiser), from the last solution when `warm_start`."
+        import torch
+        self.classes_ = np.unique(y)
+        dtype = torch.float64 if self.double else torch.float32
+        X, Y = torch.as_tensor(np.asarray(x), dtype=dtype), torch.as_tensor(np.searchsorted(self.classes_, y))
+        n, d, k = len(X), X.shape[1], len(self.classes_)
+        start = (torch.as_tensor(np.c_[self.coef_, self.intercept_].T, dtype=dtype) if warm_start and self.coef_ is not None
+                 and self.coef_.shape == (k, d) else torch.zeros(d + 1, k, dtype=dtype))
+        params = start.contiguous().clone().requires_grad_(True)
+        opt = torch.optim.LBFGS([params], lr=1, max_iter=self.max_iter, tolerance_grad=self.tol, tolerance_change=1e-12,
+                                history_size=10, line_search_fn="strong_wolfe")
+        def objective():
+            opt.zero_grad()
+            loss = (torch.nn.functional.cross_entropy(X @ params[:-1] + params[-1], Y, reduction="sum")
+                    + params[:-1].square().sum() / (2 * self.C)) / n
+            loss.backward()
+            return loss
+        opt.step(objective)
+        self.n_iter_ = int(opt.state[params].get("n_iter", 0))
+        w = params.detach().numpy()
+        self.coef_, self.intercept_ = w[:-1].T.copy(), w[-1].copy()
+        return self
+
+    def decision_function(self, x) -> np.ndarray:
+        "Logits (n x the classes seen in training)."
+        return np.asarray(x, np.float64) @ self.coef_.T + self.intercept_
+
+    def predict(self, x) -> np.ndarray: return self.classes_[self.decision_function(x).argmax(1)]
+
 class LinearProbe:
     "A standardiser and a logistic regression fitted on frozen features."
     def __init__(self, mean, std, clf, info: dict): self.mean, self.std, self.clf, self.info = mean, std, clf, info
@@ -142,35 +178,30 @@ class LinearProbe:
     def scores(self, features, n_classes: int) -> np.ndarray:
         "Logits (n x `n_classes`), which rank classes as the probabilities do; classes unseen in training score -inf."
         logits = self.clf.decision_function((np.asarray(features, np.float32) - self.mean) / self.std)
-        if logits.ndim == 1: logits = np.stack([-logits, logits], 1)
         out = np.full((len(features), n_classes), -np.inf, np.float32)
         out[:, self.clf.classes_] = logits
         return out
 
 def fit_linear_probe(features, labels, Cs=PROBE_CS, val_fraction: float = 0.2, max_iter: int = 100, seed: int = 0) -> LinearProbe:
     "Choose C on a validation split (warm-started grid), then refit on train + validation."
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-    from threadpoolctl import threadpool_limits
     x, y = np.asarray(features, np.float32), np.asarray(labels)
     mean, std = x.mean(0), x.std(0)
     std[std < 1e-6] = 1.0
     x = (x - mean) / std
     tr, va = validation_split(y, val_fraction, seed)
-    clf = LogisticRegression(solver="lbfgs", max_iter=max_iter, warm_start=True)
-    curve, capped, best = [], 0, None
-    with warnings.catch_warnings(record=True) as caught, threadpool_limits(1):
-        warnings.simplefilter("always", ConvergenceWarning)
-        for C in sorted(Cs):
-            clf.set_params(C=C).fit(x[tr], y[tr])
-            acc = float((clf.predict(x[va]) == y[va]).mean()) if len(va) else float("nan")
-            curve.append({"C": C, "val_accuracy": acc, "iterations": int(clf.n_iter_.max())})
-            if best is None or acc > best[1]: best = (C, acc, clf.coef_.copy(), clf.intercept_.copy())
-        clf.set_params(C=best[0]); clf.coef_, clf.intercept_ = best[2], best[3]
-        clf.fit(x, y)
-        capped = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+    clf = SoftmaxRegression(max_iter=max_iter)
+    curve, best = [], None
+    for C in sorted(Cs):
+        clf.C = C
+        clf.fit(x[tr], y[tr])
+        acc = float((clf.predict(x[va]) == y[va]).mean()) if len(va) else float("nan")
+        curve.append({"C": C, "val_accuracy": acc, "iterations": clf.n_iter_})
+        if best is None or acc > best[1]: best = (C, acc, clf.coef_.copy(), clf.intercept_.copy())
+    clf.C, clf.coef_, clf.intercept_ = best[0], best[2], best[3]
+    clf.fit(x, y)
+    capped = sum(c["iterations"] >= max_iter for c in curve) + (clf.n_iter_ >= max_iter)
     info = {"C": best[0], "val_accuracy": best[1], "curve": curve, "n_train": len(tr), "n_val": len(va),
-            "fits_at_max_iter": capped, "max_iter": max_iter}
+            "fits_at_max_iter": int(capped), "max_iter": max_iter, "refit_iterations": clf.n_iter_}
     return LinearProbe(mean, std, clf, info)
 
 @result_kind(("top1",), "Linear-probe top-1 accuracy (%)", "linear probe", "top-1 accuracy", chance_floor=False)
@@ -180,6 +211,39 @@ def linear_probe(train_features, train_labels, test_features, test_labels, n_cla
     n_classes = n_classes or int(max(np.max(train_labels), np.max(test_labels)) + 1)
     probe = fit_linear_probe(train_features, train_labels, Cs, max_iter=max_iter, seed=seed)
     return classification_metrics(probe.scores(test_features, n_classes), test_labels, (1,), n_boot, seed)
+
+# %% ../nbs/04a_stats.ipynb #1bcb6914
+def effective_rank(features) -> float:
+    "exp(entropy of the normalised singular values of the centred `features`): 1 for features along one direction, up to their dimension."
+    x = np.asarray(features, np.float64)
+    s = np.linalg.svd(x - x.mean(0), compute_uv=False)
+    if s.sum() == 0: return 0.0
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+@result_kind(("top1",), "Few-shot nearest-centroid top-1 accuracy (%)", "few-shot", "top-1 accuracy", chance_floor=False)
+def few_shot(features, labels, pool, test, shots: int | None, draws: int = 10, n_boot: int = 1000, seed: int = 0) -> dict:
+    "Nearest-centroid top-1 accuracy on rows `test` among the classes of rows `pool`, `shots` examples of each drawn from it (None: all), averaged over draws."
+    x, y = np.asarray(features, np.float64), np.asarray(labels)
+    pool, test = np.asarray(pool), np.asarray(test)
+    x = x - x[pool].mean(0)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    classes = np.unique(y[pool])
+    if missing := sorted(set(np.unique(y[test]).tolist()) - set(classes.tolist())):
+        raise ValueError(f"few_shot: test classes {missing[:5]} have no pool examples")
+    members = [pool[y[pool] == c] for c in classes]
+    if short := [int(c) for c, m in zip(classes, members) if len(m) < (shots or 1)]:
+        raise ValueError(f"few_shot: classes {short[:5]} have fewer than {shots or 1} pool examples")
+    target = np.searchsorted(classes, y[test])
+    rng, correct = np.random.default_rng(seed), np.zeros(len(test))
+    for _ in range(draws if shots else 1):
+        chosen = [rng.choice(m, shots, replace=False) if shots else m for m in members]
+        centroids = np.stack([x[c].mean(0) for c in chosen])
+        centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+        correct += (x[test] @ centroids.T).argmax(1) == target
+    correct /= draws if shots else 1
+    return {"top1": estimate(weighted_mean(correct), len(test), n_boot, seed, 1 / len(classes))}
 
 # %% ../nbs/04a_stats.ipynb #1ad0df43
 def relevance_matrix(relevant, n_images: int, n_texts: int) -> np.ndarray:
@@ -245,4 +309,50 @@ def modality_gap(image_features, text_features, n_boot: int = 1000, seed: int = 
     sub = np.sort(np.random.default_rng(seed).choice(n, max_pairs_n, replace=False)) if n > max_pairs_n else np.arange(n)
     for name, x in (("image", u[sub]), ("text", v[sub])):
         out[f"uniformity_{name}"] = estimate(_uniformity_stat(x), len(sub), n_boot, seed)
+    return out
+
+# %% ../nbs/04a_stats.ipynb #52c24412
+def _spearman_rows(a, b) -> np.ndarray:
+    "Spearman's rho between corresponding rows of `a` and `b` (ties get their mean rank)."
+    from scipy.stats import rankdata
+    ra, rb = rankdata(a, axis=1), rankdata(b, axis=1)
+    ra, rb = ra - ra.mean(1, keepdims=True), rb - rb.mean(1, keepdims=True)
+    return (ra * rb).sum(1) / np.sqrt((ra ** 2).sum(1) * (rb ** 2).sum(1))
+
+def _kendall_rows(a, b) -> np.ndarray:
+    "Kendall's tau-b between corresponding rows of `a` and `b`."
+    from scipy.stats import kendalltau
+    return np.array([kendalltau(x, y).statistic for x, y in zip(a, b)])
+
+def _top_overlap_rows(a, b, k: int) -> np.ndarray:
+    "Per row, the share of the `k` highest entries of `a` that are among the `k` highest of `b`."
+    top = lambda x: np.argpartition(-x, k - 1, axis=1)[:, :k]
+    mask = np.zeros(a.shape, bool)
+    np.put_along_axis(mask, top(a), True, axis=1)
+    return np.take_along_axis(mask, top(b), axis=1).mean(1)
+
+def _without_diagonal(s) -> np.ndarray:
+    "The n x n matrix `s` as n x (n - 1), each row without its own column."
+    n = len(s)
+    return s[~np.eye(n, dtype=bool)].reshape(n, n - 1)
+
+@result_kind(("spearman_cross", "spearman_in", "kendall_cross", "kendall_in", "top1_cross", "top5_cross", "top10_cross",
+              "top1_in", "top5_in", "top10_in"),
+             "Ranking consistency out of sample (Spearman's rho)", "ranking consistency",
+             "Spearman's rho of S_IT and S_TI rows (higher: more consistent)", percent=False, chance_floor=False)
+def rank_consistency(image_features, text_features, ks=(1, 5, 10), n_boot: int = 1000, seed: int = 0, max_n: int = 500) -> dict:
+    "Per-pair agreement of S_IT with S_TI rows (cross) and of S_II with S_TT rows (in, own column left out), as estimates."
+    u, v = np.asarray(image_features, np.float64), np.asarray(text_features, np.float64)
+    if u.shape != v.shape or len(u) < 3: raise ValueError(f"paired embeddings of at least 3 pairs needed: images {u.shape}, texts {v.shape}")
+    if len(u) > max_n:
+        keep = np.sort(np.random.default_rng(seed).choice(len(u), max_n, replace=False))
+        u, v = u[keep], v[keep]
+    n = len(u)
+    rows = {"cross": (u @ v.T, v @ u.T), "in": (_without_diagonal(u @ u.T), _without_diagonal(v @ v.T))}
+    out = {}
+    for what, (a, b) in rows.items():
+        out[f"spearman_{what}"] = estimate(weighted_mean(_spearman_rows(a, b)), n, n_boot, seed, 0.0)
+        out[f"kendall_{what}"] = estimate(weighted_mean(_kendall_rows(a, b)), n, n_boot, seed, 0.0)
+        for k in (k for k in ks if k < a.shape[1]):
+            out[f"top{k}_{what}"] = estimate(weighted_mean(_top_overlap_rows(a, b, k)), n, n_boot, seed, k / a.shape[1])
     return out
