@@ -1,7 +1,7 @@
 """Wall time of every stage of `dvc repro` and of the whole study, with each cell's train and evaluate seconds.
 
     python bench/study_times.py                    # runs `dvc repro`, logs it with timestamps, prints the table
-    python bench/study_times.py -- -f run@clip     # arguments after -- go to `dvc repro`
+    python bench/study_times.py -- -f train@clip     # arguments after -- go to `dvc repro`
     python bench/study_times.py --log study.log    # the table of an earlier logged run
 
 The log (default runs/study_times.log) has one `HH:MM:SS line` per line of DVC's output, between START and
@@ -47,12 +47,13 @@ def table(log: Path, results: Path = Path("results/runs")) -> str:
         sec = (clock(events[i + 1][0] if i + 1 < len(events) else last) - clock(ts)).total_seconds() % 86400
         total += sec
         seeds = train = evaluate = ""
-        metrics = results / name.removeprefix("run@") / "metrics.json"
-        if name.startswith("run@") and metrics.exists():
+        kind, _, cell = name.partition("@")
+        metrics = results / cell / "metrics.json"
+        if kind in ("train", "evaluate", "run") and metrics.exists():  # run@: a log from before train and evaluate were split
             timing = json.loads(metrics.read_text()).get("timing", {}).values()
             seeds = str(len(timing))
-            train = f"{sum(t['train_seconds'] for t in timing):.0f}"
-            evaluate = f"{sum(t['evaluate_seconds'] for t in timing):.0f}"
+            if kind in ("train", "run"): train = f"{sum(t['train_seconds'] or 0 for t in timing):.0f}"
+            if kind in ("evaluate", "run"): evaluate = f"{sum(t['evaluate_seconds'] for t in timing):.0f}"
         rows.append(f"| {name} | {how} | {sec:.0f} | {seeds} | {train} | {evaluate} |")
     rows.append(f"\nWhole run: {total:.0f} s = {total / 60:.1f} min ({start[6:]} to {end[4:] if end else 'not finished'}).")
     return "\n".join(rows)

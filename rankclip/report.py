@@ -15,8 +15,8 @@ from .files import UserError
 from .stats import RESULT_KINDS, kind_of
 
 # %% auto #0
-__all__ = ['t_interval', 'paired_difference', 'load_results', 'summarize', 'paired_differences', 'report_metrics',
-           'headline_metrics']
+__all__ = ['BETTER', 't_interval', 'paired_difference', 'load_results', 'summarize', 'paired_differences', 'report_metrics',
+           'headline_metrics', 'check_claims', 'verdict', 'claims_table', 'claim_verdicts', 'informative_probes']
 
 # %% ../nbs/06_report_stats.ipynb #37393d0f
 def t_interval(values, confidence: float = 0.95) -> dict:
@@ -91,3 +91,77 @@ def report_metrics(params: dict) -> list[tuple[str, str, str]]:
 def headline_metrics(params: dict) -> list[tuple[str, str, str]]:
     "(kind, result, metric) with the headline metric of every result params.yaml's `report.results` lists."
     return [(k, r, m) for k, r, m in report_metrics(params) if m == RESULT_KINDS[k].metrics[0]]
+
+# %% ../nbs/06_report_stats.ipynb #28975591
+BETTER = ("higher", "lower", "either")
+
+def check_claims(params: dict) -> list[dict]:
+    "params.yaml's `report.claims`, each checked: its fields are there, its results are of registered kinds, `better` is known."
+    claims = (params.get("report") or {}).get("claims") or []
+    for i, c in enumerate(claims):
+        where = f"params.yaml: report.claims[{i}] ({c.get('claim', '?')!r})"
+        for field in ("claim", "cell", "against", "results", "better"):
+            if field not in c: raise UserError(f"{where}: missing field {field!r}")
+        if c["better"] not in BETTER: raise UserError(f"{where}: better {c['better']!r}: expected one of {BETTER}")
+        for r in c["results"]:
+            try: kind_of(r)
+            except ValueError as e: raise UserError(f"{where}: {e}") from None
+    return claims
+
+def verdict(ci_low: float, ci_high: float, better: str) -> str:
+    "The verdict of a paired interval on a claim whose supporting side is `better`."
+    if not (math.isfinite(ci_low) and math.isfinite(ci_high)): return "not resolved"
+    above, below = ci_low > 0, ci_high < 0
+    if better == "either": return "differs" if above or below else "no difference resolved"
+    if better == "lower": above, below = below, above
+    return "supported" if above else "contradicted" if below else "not resolved"
+
+def _seed_values(results, cell: str, result: str, metric: str) -> dict[int, float]:
+    "{seed: value} of `cell` on `result`'s `metric`."
+    rows = results[(results["cell"] == cell) & (results["benchmark"] == result) & (results["metric"] == metric)]
+    return {int(s): float(v) for s, v in zip(rows["seed"], rows["value"])}
+
+def claims_table(results, claims: list[dict], confidence: float = 0.95) -> "pd.DataFrame":
+    "One row per claim and result: the paired difference cell - against on the result's headline metric, its interval, half-width and verdict."
+    import pandas as pd
+    rows = []
+    for c in claims:
+        for r in c["results"]:
+            metric = c.get("metric") or RESULT_KINDS[kind_of(r)].metrics[0]
+            pick = lambda cell: _seed_values(results, cell, r, metric)
+            d = paired_difference(pick(c["cell"]), pick(c["against"]), confidence)
+            absent = [x for x in (c["cell"], c["against"]) if x not in set(results["cell"])]
+            rows.append({"claim": c["claim"], "cell": c["cell"], "against": c["against"], "result": r, "metric": metric,
+                         "mean": d["mean"], "ci_low": d["ci_low"], "ci_high": d["ci_high"], "n": d["n"],
+                         "half_width": (d["ci_high"] - d["ci_low"]) / 2, "better": c["better"],
+                         "verdict": f"not run (no results of {absent[0]!r})" if absent else verdict(d["ci_low"], d["ci_high"], c["better"])})
+    return pd.DataFrame(rows, columns=["claim", "cell", "against", "result", "metric", "mean", "ci_low", "ci_high", "n",
+                                       "half_width", "better", "verdict"])
+
+def claim_verdicts(table) -> dict[str, str]:
+    "{claim: overall verdict} from `claims_table`'s rows."
+    out = {}
+    for claim, g in table.groupby("claim", sort=False):
+        v = set(g["verdict"])
+        if "differs" in v: out[claim] = "differs"
+        elif "no difference resolved" in v: out[claim] = "no difference resolved"
+        elif "supported" in v and "contradicted" in v: out[claim] = "mixed"
+        elif "supported" in v: out[claim] = "supported"
+        elif "contradicted" in v: out[claim] = "contradicted"
+        elif all(x.startswith("not run") for x in v): out[claim] = sorted(v)[0]
+        else: out[claim] = "not resolved"
+    return out
+
+def informative_probes(results, cell: str, confidence: float = 0.95) -> "pd.DataFrame":
+    "Per probe result of `cell` with a `.pixels` baseline: cell - pixels per seed on its headline metric, the interval, and whether it is informative."
+    import pandas as pd
+    mine = results[results["cell"] == cell]
+    rows = []
+    for r in sorted(b for b in mine["benchmark"].unique() if f"{b}.pixels" in set(mine["benchmark"])):
+        metric = RESULT_KINDS[kind_of(r)].metrics[0]
+        own, pixels = _seed_values(results, cell, r, metric), _seed_values(results, cell, f"{r}.pixels", metric)
+        d = t_interval([own[s] - pixels[s] for s in own if s in pixels], confidence)
+        rows.append({"result": r, "metric": metric, "features": float(np.mean(list(own.values()))), "pixels": float(np.mean(list(pixels.values()))),
+                     "mean": d["mean"], "ci_low": d["ci_low"], "ci_high": d["ci_high"], "n": d["n"],
+                     "informative": bool(math.isfinite(d["ci_low"]) and d["ci_low"] > 0)})
+    return pd.DataFrame(rows, columns=["result", "metric", "features", "pixels", "mean", "ci_low", "ci_high", "n", "informative"])

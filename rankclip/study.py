@@ -1,4 +1,4 @@
-"""params.yaml -> one training configuration per cell and seed; a cell's runs -> its DVC metrics; and the
+"""params.yaml -> one training configuration per cell and seed; a cell's evaluations -> its metrics; and the
 pipeline's own steps (stripped experiment notebooks, tokenizers). The report's statistics over seeds
 are in `rankclip.report`, which only the report stage reads."""
 
@@ -126,7 +126,7 @@ def metric_values(metrics: dict) -> dict:
     return {b: {m: e["value"] for m, e in ms.items()} for b, ms in metrics.items()}
 
 def cell_metrics(per_seed: dict[int, dict]) -> dict:
-    "The DVC metrics of a cell: every metric's value per seed, and the mean over seeds."
+    "A cell's metrics.json: every metric's value per seed, and the mean over seeds."
     seeds = {f"seed{s}": metric_values(m) for s, m in sorted(per_seed.items())}
     keys = {(b, m) for v in seeds.values() for b, ms in v.items() for m in ms}
     mean = {}

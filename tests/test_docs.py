@@ -73,6 +73,20 @@ def external_loads(path: Path) -> list[str]:
     return found
 
 
+def test_report_page_drops_stderr_and_hides_marked_code():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("docs_build", ROOT / "docs" / "build.py")
+    build = importlib.util.module_from_spec(spec); spec.loader.exec_module(build)
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("#| echo: false\nprint(1)", outputs=[
+        nbformat.v4.new_output("stream", name="stderr", text="IProgress not found\n"),
+        nbformat.v4.new_output("stream", name="stdout", text="1\n")])])
+    page, _ = build.prepare_for_html(nbformat.from_dict(nb), drop_stderr=True)
+    (cell,) = page.cells
+    assert [o["name"] for o in cell.outputs] == ["stdout"] and "remove-input" in cell.metadata["tags"]
+    kept, _ = build.prepare_for_html(nbformat.from_dict(nb))
+    assert [o["name"] for o in kept.cells[0].outputs] == ["stderr", "stdout"]
+
+
 def test_external_load_scan_catches_cdn_references(tmp_path):
     (tmp_path / "a.html").write_text('<script src="https://cdn.jsdelivr.net/npm/katex/dist/katex.min.js"></script>\n'
                                       '<link rel="stylesheet" href="//fonts.googleapis.com/css">\n<a href="https://example.org">ok</a>')

@@ -70,7 +70,7 @@ def stale_stages(repo: Path) -> set[str]:
 
 
 def test_experiment_notebooks_keep_their_parameters_tag():
-    for name in ("run", "report"):
+    for name in ("train", "evaluate", "report"):
         nb = nbformat.read(ROOT / "nbs" / "experiments" / f"{name}.ipynb", as_version=4)
         tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
         assert len(tagged) == 1, f"nbs/experiments/{name}.ipynb: needs exactly one cell tagged 'parameters'"
@@ -82,14 +82,15 @@ def test_every_cell_becomes_a_stage_with_its_own_params():
     r = sh(["dvc", "stage", "list", "--name-only"], ROOT)
     stages = set(r.stdout.split())
     cells = set(params["study"]["cells"])
-    assert {f"run@{c}" for c in cells} <= stages and {"prepare", "tokenizers", "report"} <= stages
-    assert len(cells) == 5 + 8 + 8  # baselines/variants, the 3x3 lambda grid less its (1/16, 1/16) centre, 4 encoders x 2 losses
+    assert {f"{kind}@{c}" for c in cells for kind in ("train", "evaluate")} <= stages
+    assert {"prepare", "tokenizers", "report"} <= stages
+    assert len(cells) == 7 + 8 + 8  # baselines/variants/official/decay, the 3x3 lambda grid less its (1/16, 1/16) centre, 4 encoders x 2 losses
     grid = {(c["lambda_cross"], c["lambda_in"]) for c in params["study"]["cells"].values() if "lambda_cross" in c and "lambda_in" in c}
     assert {(a, b) for a in (1 / 16, 1 / 32, 1 / 64) for b in (1 / 16, 1 / 32, 1 / 64)} - {(1 / 16, 1 / 16)} <= grid
 
 
-# The whole smoke grid (21 cells) takes longer than a test should (a kernel start and imports per cell):
-# the test runs one cell of each kind: the two main cells (3 seeds), a lambda-grid cell, a BERT cell.
+# The whole smoke grid (23 cells) takes longer than a test should (two kernel starts and imports per cell):
+# the test runs one cell of each kind: two main cells (2 seeds), a lambda-grid cell, a BERT cell.
 CELLS = {"clip", "rankclip", CELL, "bert_clip"}
 
 
@@ -116,29 +117,36 @@ def test_smoke_pipeline_reproduces_and_reruns_only_the_changed_cell(tmp_path):
         expected = params["profiles"]["smoke"]["seeds"][params["study"]["cells"][c].get("seeds", "ablation")]
         assert seeds == [f"seed{s}" for s in expected], (c, seeds)
         assert 0 <= m["mean"]["heldout_vendor.zero_shot.emoji"]["top1"] <= 1
+        assert -1 <= m["mean"]["heldout_vendor.rank_consistency"]["spearman_cross"] <= 1
+        assert (repo / "models" / c / "seed0" / "model" / "config.json").exists()  # the train stage's output, in DVC's cache
         run = json.loads((repo / "results" / "runs" / c / "seeds" / "seed0" / "run.json").read_text())
-        assert run["profile"] == "smoke" and run["cell"] == c
+        assert run["profile"] == "smoke" and run["cell"] == c and run["cpu"]["threads"] >= 1
+        assert run["train_seconds"] > 0 and run["evaluate_seconds"] > 0
         assert (repo / "results" / "runs" / c / "curves" / "seed0" / "train" / "total.tsv").exists()
-        nb = nbformat.read(repo / "results" / "runs" / c / "run.ipynb", as_version=4)
-        assert any("injected-parameters" in cell.metadata.get("tags", []) for cell in nb.cells)
+        for kind in ("train", "evaluate"):
+            nb = nbformat.read(repo / "results" / "runs" / c / f"{kind}.ipynb", as_version=4)
+            assert any("injected-parameters" in cell.metadata.get("tags", []) for cell in nb.cells)
     bert = json.loads((repo / "results" / "runs" / "bert_clip" / "seeds" / "seed0" / "run.json").read_text())
     assert bert["config"]["text_encoder"] == params["profiles"]["smoke"]["encoders"]["bert-base"]
     assert bert["config"]["tokenizer"] == "runs/tokenizers/bert"
     summary = json.loads((repo / "results" / "report" / "summary.json").read_text())
-    assert set(summary) == CELLS and summary["clip"]["heldout_vendor.zero_shot.emoji.top1"]["n"] == 3
-    for f in ("lambda_grid", "architectures", "modality_gap", "training_curves"):
+    assert set(summary) == {"claims", "headline"} and set(summary["headline"]) == {"clip", "rankclip"}
+    assert summary["claims"]["rankclip-clip.heldout_vendor.zero_shot.emoji.top1"]["n"] == 2
+    claims = (repo / "results" / "report" / "claims.md").read_text()
+    assert "RankCLIP beats CLIP at zero-shot classification" in claims and "not run (no results of 'rankclip_c')" in claims
+    for f in ("lambda_grid", "architectures", "modality_gap", "training_curves", "retrieval_gallery", "rank_agreement"):
         assert (repo / "results" / "report" / "figures" / f"{f}.png").stat().st_size > 5000
     assert "paired" in (repo / "results" / "report" / "tables" / "paired_differences.md").read_text()
     headline = (repo / "results" / "report" / "headline.md").read_text()
     assert "| RankCLIP − CLIP, paired by seed" in headline and "RankCLIP minus CLIP, paired by seed: the interval" in headline
-    assert "Training and evaluating the study's 8 runs took" in headline
+    assert "Training and evaluating the study's 6 runs took" in headline
 
     assert stale_stages(repo) == set()
     again = sh(["dvc", "repro"], repo)
     assert "Running stage" not in again.stdout, again.stdout
 
     # DVC's own views work offline: metrics and the plots page, whose scripts are inlined (.dvc/config's template)
-    assert "heldout_vendor.zero_shot.emoji.top1" in sh(["dvc", "metrics", "show", "--json"], repo).stdout
+    assert "rankclip-clip.heldout_vendor.zero_shot.emoji.top1" in sh(["dvc", "metrics", "show", "--json"], repo).stdout
     sh(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], repo)
     page = (tmp_path / "plots" / "index.html").read_text()
     assert "vega-embed" in page and "vegaEmbed(" in page and "total.tsv" in page
@@ -150,22 +158,30 @@ def test_smoke_pipeline_reproduces_and_reruns_only_the_changed_cell(tmp_path):
     (repo / "params.yaml").write_text(text.replace(line.group(0), line.group(0).replace("lambda_in: 0.03125", "lambda_in: 0.0078125")))
     changed = yaml.safe_load((repo / "params.yaml").read_text())["study"]["cells"][CELL]
     assert (changed["lambda_cross"], changed["lambda_in"]) == (0.03125, 0.0078125)
-    assert stale_stages(repo) == {f"run@{CELL}", "report"}  # the report reads every cell's parameters
+    assert stale_stages(repo) == {f"train@{CELL}", "report"}  # the report reads every cell's parameters
     r = sh(["dvc", "repro"], repo)
     ran = set(re.findall(r"Running stage '([^']+)'", r.stdout))
-    assert ran == {f"run@{CELL}", "report"}, r.stdout
+    assert ran == {f"train@{CELL}", f"evaluate@{CELL}", "report"}, r.stdout
     run = json.loads((repo / "results" / "runs" / CELL / "seeds" / "seed0" / "run.json").read_text())
     assert run["config"]["lambda_in"] == 0.0078125
     print(f"smoke dvc repro: {first:.0f} s, rerun of one cell: {time.perf_counter() - t0 - first:.0f} s")
+
+    # a change to the evaluation code makes every evaluation stale and no training
+    code = repo / "rankclip" / "evaluate.py"
+    original = code.read_text()
+    code.write_text(original + "\n# an evaluation change\n")
+    assert stale_stages(repo) == {f"evaluate@{c}" for c in CELLS}
+    code.write_text(original)
+    assert stale_stages(repo) == set()
 
     # a broken cell fails its own stage with the notebook's error and keeps the executed notebook; nothing else is lost
     text = (repo / "params.yaml").read_text()
     (repo / "params.yaml").write_text(text.replace("  cells:\n", "  cells:\n    broken: {loss: rankclip, lambda_in: -1}\n", 1))
     r = sh(["dvc", "repro", "--keep-going"], repo, check=False)
     assert r.returncode != 0 and "lambda_in" in r.stdout + r.stderr
-    failed = nbformat.read(repo / "results" / "runs" / "broken" / "run.ipynb", as_version=4)
+    failed = nbformat.read(repo / "results" / "runs" / "broken" / "train.ipynb", as_version=4)
     assert any(o.get("output_type") == "error" and "lambda_in" in o.get("evalue", "") for c in failed.cells
                for o in c.get("outputs", []))
-    assert stale_stages(repo) == {"run@broken", "report"}
+    assert stale_stages(repo) == {"train@broken", "evaluate@broken", "report"}
     assert all((repo / "results" / "runs" / c / "metrics.json").exists() for c in CELLS)
 
