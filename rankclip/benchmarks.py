@@ -72,6 +72,7 @@ class Evaluation:
                  probe_max_iter: int = 100):
         self.model, self.cache, self.n_boot, self.seed, self.probe_max_iter = model, cache or FeatureCache(), n_boot, seed, probe_max_iter
         self.random_model, self.fingerprint = random_model, model_fingerprint(model)
+        self.layer = "trunk" if hasattr(model, "image_trunk") else "embedding"  # what the model's probes fit on
         self.metrics, self.details, self.text_memory = {}, {}, {}
 
     def add(self, name: str, metrics: dict, **details):
@@ -106,9 +107,8 @@ class Evaluation:
         """What a probe compares, {result suffix: (identity, features)}: '' the model's tower before its projection (CLIP's
         protocol), `.embedding` after it, `.pixels` raw pixels (PCA fit on rows `train`) and `.random_encoder` a random-init tower
         of the same architecture with BatchNorm statistics of the images `train`. Baselines are cached across checkpoints."""
-        trunk = hasattr(self.model, "image_trunk")
-        sets = {"": (self.fingerprint, lambda: self.images(images, layer="trunk" if trunk else "embedding"))}
-        if trunk: sets[".embedding"] = (self.fingerprint, lambda: self.images(images))
+        sets = {"": (self.fingerprint, lambda: self.images(images, layer=self.layer))}
+        if self.layer == "trunk": sets[".embedding"] = (self.fingerprint, lambda: self.images(images))
         pixels = content_hash("pixels", images, train, self.seed)
         sets[".pixels"] = (pixels, lambda: self.cache.get(pixels, lambda: pixel_features(images, train, seed=self.seed)))
         if self.random_model is not None:
@@ -117,7 +117,7 @@ class Evaluation:
                 import copy
                 rm = copy.deepcopy(self.random_model)
                 recalibrate_batchnorm(rm, np.asarray(images)[train])
-                return image_features(rm, images, layer="trunk" if hasattr(rm, "image_trunk") else "embedding")
+                return image_features(rm, images, layer=self.layer)
             sets[".random_encoder"] = (random, lambda: self.cache.get(random, random_features))
         return sets
 
@@ -128,7 +128,7 @@ class Evaluation:
                 t0, x = time.perf_counter(), np.asarray(features())
                 out = compute(x)
                 info = {"dims": int(x.shape[1]), "effective_rank": round(effective_rank(x[train]), 2),
-                        "features": {"": "trunk" if hasattr(self.model, "image_trunk") else "embedding"}.get(suffix, suffix[1:]),
+                        "features": suffix[1:] or self.layer,
                         "seconds": round(time.perf_counter() - t0, 2)}
                 return {name: {"metrics": m, "details": {**d, **info}} for name, (m, d) in out.items()}
             rows = [p for name in sorted(tests) for p in (name, np.asarray(tests[name]))]

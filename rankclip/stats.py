@@ -11,7 +11,7 @@ __all__ = ['RESULT_KINDS', 'PROBE_CS', 'ResultKind', 'result_kind', 'kind_of', '
            'random_hit_rate', 'retrieval', 'modality_gap', 'rank_consistency']
 
 # %% ../nbs/04a_stats.ipynb #ab6d9d35
-import functools, math, warnings
+import functools, math
 from dataclasses import dataclass
 
 import numpy as np
