@@ -160,7 +160,7 @@ def informative_probes(results, cell: str, confidence: float = 0.95) -> "pd.Data
     for r in sorted(b for b in mine["benchmark"].unique() if f"{b}.pixels" in set(mine["benchmark"])):
         metric = RESULT_KINDS[kind_of(r)].metrics[0]
         own, pixels = _seed_values(results, cell, r, metric), _seed_values(results, cell, f"{r}.pixels", metric)
-        d = t_interval([own[s] - pixels[s] for s in own if s in pixels], confidence)
+        d = paired_difference(own, pixels, confidence)
         rows.append({"result": r, "metric": metric, "features": float(np.mean(list(own.values()))), "pixels": float(np.mean(list(pixels.values()))),
                      "mean": d["mean"], "ci_low": d["ci_low"], "ci_high": d["ci_high"], "n": d["n"],
                      "informative": bool(math.isfinite(d["ci_low"]) and d["ci_low"] > 0)})
