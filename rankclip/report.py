@@ -16,7 +16,8 @@ from .stats import RESULT_KINDS, kind_of
 
 # %% auto #0
 __all__ = ['BETTER', 't_interval', 'paired_difference', 'load_results', 'summarize', 'paired_differences', 'report_metrics',
-           'headline_metrics', 'check_claims', 'verdict', 'claims_table', 'claim_verdicts', 'informative_probes']
+           'headline_metrics', 'check_claims', 'verdict', 'seed_values', 'claims_table', 'claim_verdicts',
+           'informative_probes']
 
 # %% ../nbs/06_report_stats.ipynb #37393d0f
 def t_interval(values, confidence: float = 0.95) -> dict:
@@ -116,7 +117,7 @@ def verdict(ci_low: float, ci_high: float, better: str) -> str:
     if better == "lower": above, below = below, above
     return "supported" if above else "contradicted" if below else "not resolved"
 
-def _seed_values(results, cell: str, result: str, metric: str) -> dict[int, float]:
+def seed_values(results, cell: str, result: str, metric: str) -> dict[int, float]:
     "{seed: value} of `cell` on `result`'s `metric`."
     rows = results[(results["cell"] == cell) & (results["benchmark"] == result) & (results["metric"] == metric)]
     return {int(s): float(v) for s, v in zip(rows["seed"], rows["value"])}
@@ -128,7 +129,7 @@ def claims_table(results, claims: list[dict], confidence: float = 0.95) -> "pd.D
     for c in claims:
         for r in c["results"]:
             metric = c.get("metric") or RESULT_KINDS[kind_of(r)].metrics[0]
-            pick = lambda cell: _seed_values(results, cell, r, metric)
+            pick = lambda cell: seed_values(results, cell, r, metric)
             d = paired_difference(pick(c["cell"]), pick(c["against"]), confidence)
             absent = [x for x in (c["cell"], c["against"]) if x not in set(results["cell"])]
             rows.append({"claim": c["claim"], "cell": c["cell"], "against": c["against"], "result": r, "metric": metric,
@@ -159,7 +160,7 @@ def informative_probes(results, cell: str, confidence: float = 0.95) -> "pd.Data
     rows = []
     for r in sorted(b for b in mine["benchmark"].unique() if f"{b}.pixels" in set(mine["benchmark"])):
         metric = RESULT_KINDS[kind_of(r)].metrics[0]
-        own, pixels = _seed_values(results, cell, r, metric), _seed_values(results, cell, f"{r}.pixels", metric)
+        own, pixels = seed_values(results, cell, r, metric), seed_values(results, cell, f"{r}.pixels", metric)
         d = paired_difference(own, pixels, confidence)
         rows.append({"result": r, "metric": metric, "features": float(np.mean(list(own.values()))), "pixels": float(np.mean(list(pixels.values()))),
                      "mean": d["mean"], "ci_low": d["ci_low"], "ci_high": d["ci_high"], "n": d["n"],
