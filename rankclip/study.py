@@ -16,9 +16,10 @@ import numpy as np
 from .files import UserError, load_yaml, set_dotted, write_atomic, write_json
 
 # %% auto #0
-__all__ = ['TOKENIZER_DIR', 'TRAINING_MODULES', 'training_keys', 'load_params', 'StudyError', 'active_profile', 'study_cell',
-           'cell_seeds', 'text_family', 'resolve_run', 'evaluate_options', 'code_version', 'fresh_run_dir',
-           'metric_values', 'cell_metrics', 'strip_notebook', 'train_tokenizers', 'study_main']
+__all__ = ['TOKENIZER_DIR', 'TRAINING_MODULES', 'DIGEST_CELLS', 'training_keys', 'load_params', 'StudyError', 'active_profile',
+           'study_cell', 'cell_seeds', 'text_family', 'resolve_run', 'evaluate_options', 'code_version',
+           'fresh_run_dir', 'weights_digest', 'machine_key', 'short_run_digests', 'metric_values', 'cell_metrics',
+           'strip_notebook', 'train_tokenizers', 'study_main']
 
 # %% ../nbs/05_study.ipynb #74ef7466
 def training_keys(params: dict) -> list[str]:
@@ -120,6 +121,36 @@ def fresh_run_dir(cfg: TrainConfig) -> bool:
     write_json(marker, identity)
     return True
 
+# %% ../nbs/05_study.ipynb #70009df1
+# {cell: steps}: the official ramp weighs the rank terms 0 in epoch 1 (88 steps at the cpu settings), so its run reaches epoch 2
+DIGEST_CELLS = {"clip": 24, "rankclip": 24, "rankclip_official": 100, "cyclip": 24}
+
+def weights_digest(model_dir) -> str:
+    "SHA-256 of a saved model's tensors (names, dtypes, shapes and bytes): equal digests mean bit-identical weights."
+    import hashlib, torch
+    from safetensors.torch import load_file
+    tensors, h = load_file(str(Path(model_dir) / "model.safetensors")), hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].contiguous()
+        h.update(f"{k} {t.dtype} {tuple(t.shape)}".encode()); h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+def machine_key() -> str:
+    "What bit-identity of a CPU run depends on besides the code: PyTorch's version, its vector instructions and threads."
+    import torch
+    return f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
+
+def short_run_digests(params: dict, root, cells: dict = DIGEST_CELLS, profile: str = "cpu") -> dict:
+    "{cell: weights digest} of a short run ({cell: steps}) of each cell at seed 0 of `profile` (a refactor that changes no result keeps them)."
+    from dataclasses import replace
+    from rankclip.train import fit
+    digests = {}
+    for cell, steps in cells.items():
+        cfg = replace(resolve_run(params, cell, 0, profile, runs_root=root), max_steps=steps, progress=False)
+        fit(cfg)
+        digests[cell] = weights_digest(Path(cfg.out_dir) / "model")
+    return digests
+
 # %% ../nbs/05_study.ipynb #29afb384
 def metric_values(metrics: dict) -> dict:
     "An evaluation's estimates reduced to their values, {benchmark: {metric: value}}."
@@ -162,11 +193,12 @@ def train_tokenizers(params: dict, out=TOKENIZER_DIR, families=("bert", "roberta
 
 # %% ../nbs/05_study.ipynb #adfb700d
 def study_main(argv: list[str] | None = None, params: dict | None = None) -> None:
-    "The `rankclip study` steps: strip SRC DST | tokenizers | plan CELL."
+    "The `rankclip study` steps: strip SRC DST | tokenizers | plan CELL | digest [--record FILE]."
     p = argparse.ArgumentParser(prog="rankclip study")
-    p.add_argument("step", choices=["strip", "tokenizers", "plan"])
+    p.add_argument("step", choices=["strip", "tokenizers", "plan", "digest"])
     p.add_argument("args", nargs="*")
     p.add_argument("--params", default="params.yaml")
+    p.add_argument("--record", metavar="FILE", help="digest: store this machine's digests in FILE (JSON, one entry per machine_key)")
     a = p.parse_args(argv)
     params = params if params is not None else load_params(a.params)
     if a.step == "strip":
@@ -174,6 +206,13 @@ def study_main(argv: list[str] | None = None, params: dict | None = None) -> Non
         strip_notebook(*a.args)
     elif a.step == "tokenizers":
         for f, n in train_tokenizers(params).items(): print(f"{f}: {n} tokens -> {TOKENIZER_DIR}/{f}")
+    elif a.step == "digest":
+        import tempfile
+        with tempfile.TemporaryDirectory() as d: digests = short_run_digests(params, d, {c: DIGEST_CELLS.get(c, 24) for c in a.args} or DIGEST_CELLS)
+        print(json.dumps({machine_key(): digests}, indent=1))
+        if a.record:
+            stored = json.loads(Path(a.record).read_text()) if Path(a.record).exists() else {}
+            write_json(a.record, {**stored, machine_key(): digests})
     else:
         for cell in a.args or sorted(params["study"]["cells"]):
             for s in cell_seeds(params, cell):
