@@ -16,10 +16,10 @@ import numpy as np
 from .files import UserError, load_yaml, set_dotted, write_atomic, write_json
 
 # %% auto #0
-__all__ = ['TOKENIZER_DIR', 'TRAINING_MODULES', 'DIGEST_CELLS', 'training_keys', 'load_params', 'StudyError', 'active_profile',
-           'study_cell', 'cell_seeds', 'text_family', 'resolve_run', 'evaluate_options', 'code_version',
-           'fresh_run_dir', 'weights_digest', 'machine_key', 'short_run_digests', 'metric_values', 'cell_metrics',
-           'strip_notebook', 'train_tokenizers', 'study_main']
+__all__ = ['TOKENIZER_DIR', 'CELL_KEYS', 'TRAINING_MODULES', 'DIGEST_CELLS', 'training_keys', 'load_params', 'StudyError',
+           'active_profile', 'study_cell', 'cell_seeds', 'text_family', 'resolve_run', 'evaluate_options',
+           'code_version', 'fresh_run_dir', 'weights_digest', 'machine_key', 'short_run_digests', 'metric_values',
+           'cell_metrics', 'strip_notebook', 'train_tokenizers', 'study_main']
 
 # %% ../nbs/05_study.ipynb #74ef7466
 def training_keys(params: dict) -> list[str]:
@@ -67,6 +67,7 @@ def cell_seeds(params: dict, cell: str, profile: str | None = None) -> list[int]
 
 # %% ../nbs/05_study.ipynb #1f92763a
 TOKENIZER_DIR = "runs/tokenizers"
+CELL_KEYS = ("seeds", "label")  # the keys of a cell that are not training parameters
 
 def text_family(text_encoder: str) -> str:
     "The family (clip, bert, roberta) of a text encoder preset."
@@ -78,7 +79,7 @@ def resolve_run(params: dict, cell: str, seed: int, profile: str | None = None, 
     from rankclip.train import ConfigError, TrainConfig
     name, prof = active_profile(params, profile)
     layers = [("train", params.get("train") or {}), (f"profiles.{name}.train", prof.get("train") or {}),
-              (f"study.cells.{cell}", {k: v for k, v in study_cell(params, cell).items() if k != "seeds"})]
+              (f"study.cells.{cell}", {k: v for k, v in study_cell(params, cell).items() if k not in CELL_KEYS})]
     merged = {}
     for where, layer in layers:
         try: TrainConfig.from_dict(layer)
