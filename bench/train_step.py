@@ -67,7 +67,8 @@ def cpu_name():
 def ours(args, device, data):
     from rankclip.losses import RankCLIPLoss
     from rankclip.models import create_model
-    from rankclip.train import build_optimizer, TrainConfig
+    from rankclip.config import TrainConfig
+    from rankclip.train import build_optimizer
     torch.manual_seed(0)
     model = create_model(args.image_encoder, args.text_encoder, args.embed_dim, args.image_size).to(device)
     opt = build_optimizer(model, TrainConfig())

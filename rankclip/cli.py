@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['COMMANDS', 'HEADLINE_START', 'HEADLINE_END', 'CLAIMS_START', 'CLAIMS_END', 'command', 'fetch_data_command',
-           'prepare_command', 'make_corpus_command', 'train_command', 'evaluate_command', 'study_command',
+           'prepare_command', 'make_corpus_command', 'train_command', 'evaluate_command', 'study_main', 'study_command',
            'export_command', 'clip_benchmark_command', 'replace_block', 'readme_command', 'build_parser', 'main']
 
 # %% ../nbs/09_cli.ipynb #8301226f
@@ -12,7 +12,12 @@ import argparse, sys, time
 from pathlib import Path
 
 # %% ../nbs/09_cli.ipynb #0b338afc
-from .files import UserError, write_text
+import json
+from dataclasses import asdict
+
+from .files import UserError, write_json, write_text
+from .runs import prune_runs, training_keys
+from .deps import stage_modules
 from .study import load_params
 
 # %% ../nbs/09_cli.ipynb #0ce3fd38
@@ -71,7 +76,8 @@ def make_corpus_command(args, params):
 def train_command(args, params):
     "Train a dual encoder (CLIP, RankCLIP or CyCLIP) from the `train` section of the params file."
     import json, os
-    from rankclip.train import TrainConfig, fit
+    from rankclip.config import TrainConfig
+    from rankclip.train import fit
     summary = fit(TrainConfig.from_dict(params.get("train") or {}))
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))
@@ -85,11 +91,45 @@ def evaluate_command(args, params):
     evaluate_main(args.args)
 
 # %% ../nbs/09_cli.ipynb #2ac2af7c
+def study_main(argv: list[str] | None = None, params: dict | None = None) -> None:
+    "The `rankclip study` steps: strip SRC DST | tokenizers | plan CELL | digest [--record FILE] | deps STAGE | prune [--yes]."
+    p = argparse.ArgumentParser(prog="rankclip study")
+    p.add_argument("step", choices=["strip", "tokenizers", "plan", "digest", "deps", "prune"])
+    p.add_argument("args", nargs="*")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--record", metavar="FILE", help="digest: store this machine's digests in FILE (JSON, one entry per machine_key)")
+    p.add_argument("--yes", action="store_true", help="prune: remove the superseded runs it lists (without it, only list them)")
+    a = p.parse_args(argv)
+    params = params if params is not None else load_params(a.params, known=training_keys)
+    from rankclip.runs import DIGEST_CELLS, TOKENIZER_DIR, machine_key, resolve_run, short_run_digests, train_tokenizers
+    from rankclip.study import cell_seeds, strip_notebook
+    if a.step == "strip":
+        if len(a.args) != 2: raise SystemExit("rankclip study strip SRC DST: two paths needed")
+        strip_notebook(*a.args)
+    elif a.step == "tokenizers":
+        for f, n in train_tokenizers(params).items(): print(f"{f}: {n} tokens -> {TOKENIZER_DIR}/{f}")
+    elif a.step == "digest":
+        import tempfile
+        with tempfile.TemporaryDirectory() as d: digests = short_run_digests(params, d, {c: DIGEST_CELLS.get(c, 24) for c in a.args} or DIGEST_CELLS)
+        print(json.dumps({machine_key(): digests}, indent=1))
+        if a.record:
+            stored = json.loads(Path(a.record).read_text()) if Path(a.record).exists() else {}
+            write_json(a.record, {**stored, machine_key(): digests})
+    elif a.step == "deps":
+        for stage in a.args: print("\n".join(stage_modules(stage)))
+    elif a.step == "prune":
+        found = prune_runs(a.args[0] if a.args else "runs", dry_run=not a.yes)
+        for path, size in found: print(f"{'removed' if a.yes else 'superseded'}: {path} ({size / 1e6:.1f} MB)")
+        print(f"{len(found)} superseded run folder(s), {sum(s for _, s in found) / 1e6:.1f} MB" + ("" if a.yes or not found else "; remove them with --yes"))
+    else:
+        for cell in a.args or sorted(params["study"]["cells"]):
+            for s in cell_seeds(params, cell):
+                print(json.dumps({"cell": cell, **asdict(resolve_run(params, cell, s))}))
+
 @command("study", (("args",), dict(nargs=argparse.REMAINDER, metavar="STEP [args]",
-                                   help="strip SRC DST | tokenizers | plan [CELL ...]")))
+                                   help="strip SRC DST | tokenizers | plan [CELL ...] | digest | deps STAGE | prune [--yes]")))
 def study_command(args, params):
-    "Steps of the study pipeline: strip an experiment notebook, train tokenizers, print a cell's plan."
-    from rankclip.study import study_main
+    "Steps of the study pipeline: strip an experiment notebook, train tokenizers, print a cell's plan, list a stage's code, prune moved-aside runs."
     study_main(args.args, params)
 
 # %% ../nbs/09_cli.ipynb #d45b1963
@@ -168,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     "Run the `rankclip` command line; a `UserError` prints as one line and returns 1."
     args = build_parser().parse_args(argv)
-    try: args.run(args, load_params(args.params, args.set))
+    try: args.run(args, load_params(args.params, args.set, known=training_keys))
     except UserError as e:
         print(f"rankclip {args.command}: {e}", file=sys.stderr)
         return 1

@@ -5,185 +5,25 @@
 # %% ../nbs/03_train.ipynb #6d58186f
 from __future__ import annotations
 
-import contextlib, json, math, os, platform, random, shutil, subprocess, time, typing
+import contextlib, math, os, platform, random, subprocess, time, typing
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 
-from .files import UserError, closest_key, load_yaml, replace_dir, sha256_file, write_json
-from .formats import ON_ERROR
-from .loading import CORPUS_TYPES, load_batches, merge_skips, skips_report, tally_skips
-from .losses import LISTMLE, LOSSES, create_loss
+from .checkpoint import latest_checkpoint, optimizer_from_flat, read_checkpoint, save_checkpoint, set_rng_state
+from .config import TRAINING_SOURCES, ConfigError, TrainConfig
+from .files import UserError, write_json
+from .loading import load_batches, merge_skips, skips_report, tally_skips
+from .losses import create_loss
 
 # %% auto #0
-__all__ = ['TRAINING_SOURCES', 'training_source', 'ConfigError', 'TrainConfig', 'load_training_pairs', 'Runtime', 'setup_runtime',
-           'cosine_lr', 'set_lr', 'param_groups', 'build_optimizer', 'GlobalBatchSampler', 'ImageTextPairs',
-           'training_pairs', 'training_captions', 'build_model', 'build_loss', 'CheckpointError', 'save_checkpoint',
-           'latest_checkpoint', 'read_checkpoint', 'run_info', 'cpu_info', 'NonFiniteLossError', 'first_nonfinite',
-           'Training', 'setup_training', 'save_training', 'all_sample_skips', 'train_step', 'RunLog', 'device_batches',
-           'shuffle_chunk', 'fit']
-
-# %% ../nbs/03_train.ipynb #02e8f0c8
-TRAINING_SOURCES: dict[str, typing.Callable] = {}
-
-def training_source(name: str):
-    "Register the decorated `f(cfg) -> (uint8 images N x H x W x C, captions)` as training data `name` (`TrainConfig.data`)."
-    def register(f):
-        TRAINING_SOURCES[name] = f
-        return f
-    return register
-
-class ConfigError(UserError):
-    "A training parameter that is unknown or has a bad value."
-
-def _coerce(name: str, value, hint):
-    "`value` as the type `hint` of field `name` (a number given as a string, '1e-3', too); a clear error otherwise."
-    args = typing.get_args(hint) or (hint,)
-    if value is None and type(None) in args:
-        return None
-    for t in (a for a in args if a is not type(None)):
-        t = typing.get_origin(t) or t
-        if t is bool:
-            if isinstance(value, bool):
-                return value
-            continue
-        try:
-            if t in (int, float) and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-                v = float(value) if t is float else int(value)
-                if t is int and isinstance(value, float) and value != v:
-                    continue
-                return v
-            if isinstance(value, t):
-                return value
-        except ValueError:
-            continue
-    raise ConfigError(f"training parameter {name} = {value!r}: expected {hint}")
-
-
-@dataclass
-class TrainConfig:
-    "Every knob of one training run."
-    # model
-    image_encoder: str = "resnet18"
-    text_encoder: str = "clip-2x128"
-    embed_dim: int = 128
-    image_size: int = 32
-    tokenizer: str | None = None  # a saved tokenizer folder; None: the encoder's default
-    init_from: str | None = None  # an open_clip checkpoint file of the same architecture to start from (fine-tuning)
-    # loss: a name in rankclip.losses.LOSSES (clip | rankclip | cyclip); each reads the fields it names
-    loss: str = "rankclip"
-    lambda_cross: float = 1 / 16
-    lambda_in: float = 1 / 16
-    position_decay: bool = False
-    official_ramp: bool = False
-    listmle: str = "exact"  # exact (closed form) | allrank (the official code's ListMLE, its 1e-10 floor included)
-    cyclip_lambda_in: float = 0.25
-    cyclip_lambda_cross: float = 0.25
-    local_loss: bool = False
-    gather_with_grad: bool = True
-    # data: a name in TRAINING_SOURCES (emoji: the prepared emoji drawings under data_root), or a corpus on
-    # disk as open_clip's --train-data names one: a .csv/.tsv table or a brace pattern of .tar shards
-    data: str = "emoji"
-    data_root: str = "prepared"
-    train_vendors: list = field(default_factory=lambda: ["apple", "google", "twitter"])
-    limit: int | None = None  # train on a seeded random subset of this many pairs
-    data_type: str = "auto"  # a corpus on disk: auto (by extension) | table | shards
-    csv_img_key: str = "filepath"  # a table's image path column (open_clip's default)
-    csv_caption_key: str = "title"  # a table's caption column
-    csv_separator: str | None = None  # a table's delimiter; None: "," for .csv, tab otherwise
-    on_error: str = "raise"  # a bad sample of a corpus on disk: raise | skip (counted and replaced)
-    workers: int = 0  # DataLoader processes decoding a corpus on disk, per rank; 0: in the training process
-    prefetch: int = 2  # batches each worker prepares ahead
-    augment: bool = False  # open_clip's random resized crop (scale 0.9-1) when decoding a corpus on disk
-    shuffle_chunk: int | None = None  # shuffle chunks of this many consecutive samples; None: 1000 for shards, 0: all
-    # optimisation
-    epochs: int = 8
-    max_steps: int | None = None  # stop early (tests, smoke runs); the schedule still spans `epochs`
-    batch_size: int = 128  # global batch, over all ranks
-    lr: float = 5e-4
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    warmup_steps: int = 100
-    grad_clip: float | None = 1.0
-    # execution
-    seed: int = 0
-    device: str = "auto"  # auto: CUDA when present
-    precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU; fp16 trains with a gradient scaler
-    compile: bool = False
-    compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: trace and differentiate without code generation)
-    channels_last: str = "auto"  # auto: on CUDA for convolutional image encoders
-    sync_bn: bool = False
-    threads: int | None = None
-    nonfinite: str = "raise"  # raise | skip
-    # output
-    out_dir: str = "runs/default"
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    resume: bool = True
-    progress: bool = True
-
-    def __post_init__(self):
-        choices = {"loss": sorted(LOSSES), "precision": ["auto", "fp32", "bf16", "fp16"], "nonfinite": ["raise", "skip"], "listmle": list(LISTMLE),
-                   "channels_last": ["auto", "on", "off"], "data_type": ["auto", *sorted(CORPUS_TYPES)], "on_error": list(ON_ERROR)}
-        extensions = [e for exts, _ in CORPUS_TYPES.values() for e in exts]
-        if self.data not in TRAINING_SOURCES and not ("/" in self.data or "\\" in self.data or self.data.endswith(tuple(extensions))):
-            raise ConfigError(f"training parameter data = {self.data!r} is invalid: expected one of {sorted(TRAINING_SOURCES)}, "
-                              f"a .csv/.tsv table or a brace pattern of .tar shards (e.g. /data/cc3m/{{00000..00331}}.tar)")
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"training parameter {name} = {getattr(self, name)!r} is invalid: expected one of {allowed}")
-        rules = [(n, "a positive number", lambda x: x > 0) for n in ("batch_size", "epochs", "lr", "checkpoint_every")]
-        rules += [(n, "a number >= 0", lambda x: x >= 0) for n in ("warmup_steps", "lambda_cross", "lambda_in", "workers")]
-        rules += [("prefetch", "a positive number", lambda x: x > 0), ("shuffle_chunk", "None or a number >= 0", lambda x: x is None or x >= 0)]
-        for name, want, ok in rules:
-            if not ok(getattr(self, name)):
-                raise ConfigError(f"training parameter {name} = {getattr(self, name)!r} is invalid: expected {want}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        "Build a config from a mapping, refusing unknown keys."
-        hints = typing.get_type_hints(cls)
-        unknown = sorted(set(d) - set(hints))
-        if unknown:
-            hint = closest_key(unknown[0], hints)
-            raise ConfigError(f"unknown training parameter(s) {unknown}" + (f"; did you mean {hint!r}?" if hint else "")
-                              + f" known: {sorted(hints)}")
-        return cls(**{k: _coerce(k, v, hints[k]) for k, v in d.items()})
-
-    def override(self, assignments: list[str]) -> "TrainConfig":
-        "A copy with `key=value` assignments applied, each value parsed as YAML (1e-3 is a float)."
-        d = asdict(self)
-        for a in assignments:
-            k, sep, v = a.partition("=")
-            if not sep:
-                raise ConfigError(f"override {a!r} is not of the form key=value (e.g. lr=1e-3)")
-            if k not in d:
-                raise ConfigError(f"override {a!r}: unknown training parameter {k!r}; known: {sorted(d)}")
-            d[k] = load_yaml(v)
-        return TrainConfig.from_dict(d)
-
-# %% ../nbs/03_train.ipynb #3f935918
-@training_source("emoji")
-def load_training_pairs(cfg: TrainConfig):
-    "Images and captions of the training vendors from the prepared emoji source."
-    from rankclip.data import load_prepared
-    src = load_prepared("emoji", cfg.data_root)
-    vendors = src.label_names["vendor"]
-    unknown = sorted(set(cfg.train_vendors) - set(vendors))
-    if unknown:
-        raise ConfigError(f"train_vendors {unknown} not in the emoji source; available: {vendors}")
-    keep = np.isin(src.labels["vendor"], [vendors.index(v) for v in cfg.train_vendors])
-    idx = np.flatnonzero(keep)
-    if cfg.limit is not None and cfg.limit < len(idx):
-        idx = np.sort(np.random.default_rng(cfg.seed).choice(idx, cfg.limit, replace=False))
-    return np.asarray(src.images[idx]), [src.captions[i] for i in idx]
+__all__ = ['Runtime', 'setup_runtime', 'cosine_lr', 'set_lr', 'param_groups', 'build_optimizer', 'GlobalBatchSampler',
+           'ImageTextPairs', 'training_pairs', 'training_captions', 'build_model', 'build_loss', 'run_info', 'cpu_info',
+           'NonFiniteLossError', 'first_nonfinite', 'Training', 'setup_training', 'save_training', 'all_sample_skips',
+           'train_step', 'RunLog', 'device_batches', 'shuffle_chunk', 'fit']
 
 # %% ../nbs/03_train.ipynb #3d00445b
 @dataclass
@@ -359,109 +199,6 @@ def build_loss(cfg: TrainConfig, rt: Runtime) -> torch.nn.Module:
     return create_loss(cfg.loss, asdict(cfg), local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
                        rank=rt.rank, world_size=rt.world_size)
 
-# %% ../nbs/03_train.ipynb #76722bb8
-class CheckpointError(UserError, RuntimeError):
-    "A checkpoint that is missing, incomplete or corrupt."
-
-
-def _optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
-    "Split an optimiser state dict into tensors and JSON."
-    sd = opt.state_dict()
-    tensors, state_json = {}, {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                state_json.setdefault(str(pid), {})[k] = v
-    return tensors, {"param_groups": sd["param_groups"], "state": state_json}
-
-
-def _optimizer_from_flat(tensors: dict, meta: dict) -> dict:
-    "Rebuild an optimiser state dict from tensors and JSON."
-    state: dict = {}
-    for key, v in tensors.items():
-        pid, k = key.split(".", 1)
-        state.setdefault(int(pid), {})[k] = v
-    for pid, st in meta["state"].items():
-        state.setdefault(int(pid), {}).update(st)
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def _rng_state() -> tuple[dict, dict]:
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda.{i}"] = s
-    py = random.getstate()
-    np_state = np.random.get_state()
-    meta = {"python": [py[0], list(py[1]), py[2]],
-            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
-    return tensors, meta
-
-
-def _set_rng_state(tensors: dict, meta: dict) -> None:
-    torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-    py = meta["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = meta["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-
-
-def save_checkpoint(ckpt_dir: Path, model, optimizer, state: dict, keep: int = 2) -> Path:
-    "Write checkpoint `step_<step>` atomically under `ckpt_dir` and point latest.json at it."
-    ckpt_dir = Path(ckpt_dir)
-    name = f"step_{state['step']:08d}"
-    opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
-    rng_tensors, rng_meta = _rng_state()
-    with replace_dir(ckpt_dir / name) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-        save_file(opt_tensors, tmp / "optimizer.safetensors")
-        save_file(rng_tensors, tmp / "rng.safetensors")
-        (tmp / "state.json").write_text(json.dumps({**state, "optimizer": opt_meta, "rng": rng_meta}))
-        files = sorted(p.name for p in tmp.iterdir())
-        (tmp / "manifest.json").write_text(json.dumps({f: sha256_file(tmp / f) for f in files}))
-    write_json(ckpt_dir / "latest.json", {"latest": name})
-    for old in sorted(ckpt_dir.glob("step_*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return ckpt_dir / name
-
-
-def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    "The checkpoint latest.json points at, or None when there is none."
-    pointer = Path(ckpt_dir) / "latest.json"
-    if not pointer.exists():
-        return None
-    try:
-        name = json.loads(pointer.read_text())["latest"]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise CheckpointError(f"{pointer}: unreadable ({e}); delete it to start afresh") from e
-    return Path(ckpt_dir) / name
-
-
-def read_checkpoint(path: Path) -> dict:
-    "Verify every file of a checkpoint against its manifest, then read it (no pickle)."
-    path = Path(path)
-    manifest_path = path / "manifest.json"
-    if not manifest_path.exists():
-        raise CheckpointError(f"{path}: no manifest.json, not a complete checkpoint; "
-                              f"delete the folder or point latest.json at another checkpoint")
-    manifest = json.loads(manifest_path.read_text())
-    for fname, digest in manifest.items():
-        f = path / fname
-        if not f.exists():
-            raise CheckpointError(f"{f}: missing from the checkpoint")
-        if sha256_file(f) != digest:
-            raise CheckpointError(f"{f}: SHA-256 differs from the manifest (corrupt or altered); "
-                                  f"the checkpoint was not loaded: delete it or resume from an earlier one")
-    return {"model": load_file(path / "model.safetensors"),
-            "optimizer": load_file(path / "optimizer.safetensors"),
-            "rng": load_file(path / "rng.safetensors"),
-            "state": json.loads((path / "state.json").read_text())}
-
 # %% ../nbs/03_train.ipynb #85fcbfb7
 def run_info(cfg: TrainConfig, rt: Runtime) -> dict:
     "The resolved configuration, code version and device of a run."
@@ -540,10 +277,10 @@ def setup_training(cfg: TrainConfig, rt: Runtime, model, n_pairs: int, chunk: in
     if latest is not None:
         ck = read_checkpoint(latest)
         model.load_state_dict(ck["model"])
-        t.optimizer.load_state_dict(_optimizer_from_flat(ck["optimizer"], ck["state"]["optimizer"]))
+        t.optimizer.load_state_dict(optimizer_from_flat(ck["optimizer"], ck["state"]["optimizer"]))
         if ck["state"].get("grad_scaler"):
             t.scaler.load_state_dict(ck["state"]["grad_scaler"])
-        _set_rng_state(ck["rng"], ck["state"]["rng"])
+        set_rng_state(ck["rng"], ck["state"]["rng"])
         t.step, t.skipped, t.resumed = ck["state"]["step"], ck["state"].get("skipped", 0), True
         t.sample_skips = ck["state"].get("sample_skips", {}) if rt.is_main else {}  # rank 0 saved every rank's
     if rt.distributed:

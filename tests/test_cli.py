@@ -55,7 +55,9 @@ def test_user_errors_print_one_line(project, args, names):
 
 
 def test_fp16_trains_with_a_gradient_scaler(tmp_path, prepared_root):
-    from rankclip.train import TrainConfig, fit, latest_checkpoint, read_checkpoint
+    from rankclip.checkpoint import latest_checkpoint, read_checkpoint
+    from rankclip.config import TrainConfig
+    from rankclip.train import fit
     cfg = TrainConfig(image_encoder="resnet10t", embed_dim=16, data_root=str(prepared_root), limit=128, batch_size=32,
                       epochs=1, max_steps=3, warmup_steps=1, threads=1, progress=False, precision="fp16",
                       out_dir=str(tmp_path / "fp16"))

@@ -142,7 +142,8 @@ def test_truncated_or_missing_shard_is_named(tmp_path, corpus_root, capsys):
 
 def test_table_with_workers_trains_as_the_shards_do(tmp_path, corpus_root):
     # The table and the shards hold the same samples in the same order: with a full shuffle, the same run.
-    from rankclip.train import TrainConfig, fit
+    from rankclip.config import TrainConfig
+    from rankclip.train import fit
     a = small(tmp_path / "table", str(corpus_root / "table.csv"), workers=2, epochs=1, max_steps=3)
     b = small(tmp_path / "shards", shards(corpus_root), workers=0, epochs=1, max_steps=3, shuffle_chunk=0)
     fit(TrainConfig(**a))

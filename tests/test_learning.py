@@ -4,7 +4,8 @@ import torch
 
 from rankclip.data import held_out_vendor_split, load_prepared
 from rankclip.models import load_model
-from rankclip.train import TrainConfig, fit
+from rankclip.config import TrainConfig
+from rankclip.train import fit
 
 
 def recall_at_1(model, images, captions) -> float:

@@ -134,7 +134,9 @@ def test_clip_benchmark_zero_shot_agrees_with_zero_shot_folder(prepared_root, tm
 
 def test_training_starts_from_an_open_clip_checkpoint_and_resumes(prepared_root, tmp_path):
     import open_clip
-    from rankclip.train import TrainConfig, fit, latest_checkpoint, read_checkpoint
+    from rankclip.checkpoint import latest_checkpoint, read_checkpoint
+    from rankclip.config import TrainConfig
+    from rankclip.train import fit
     torch.manual_seed(0)
     arch = dict(image_encoder="resnet10t", text_encoder="clip-2x128", embed_dim=32, image_size=32)
     oc, _, _ = load_open_clip(export_open_clip(create_model(**arch), tmp_path / "arch"))

@@ -89,6 +89,24 @@ def test_every_cell_becomes_a_stage_with_its_own_params():
     assert {(a, b) for a in (1 / 16, 1 / 32, 1 / 64) for b in (1 / 16, 1 / 32, 1 / 64)} - {(1 / 16, 1 / 16)} <= grid
 
 
+def test_dvc_yaml_lists_the_modules_each_stage_runs():
+    "dvc.yaml's rankclip/*.py deps of each stage are the modules its imports reach (rankclip.deps.stage_modules), no more, no less."
+    from rankclip.deps import stage_modules
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        body = stage.get("do", stage)
+        listed = {d for d in body.get("deps", []) if isinstance(d, str) and d.startswith("rankclip/")}
+        assert listed == set(stage_modules(name, ROOT)), (name, sorted(listed ^ set(stage_modules(name, ROOT))))
+
+
+def test_each_cell_names_its_seed_group():
+    "train@ and evaluate@ depend on their cell's seed group alone (profiles.<p>.seeds.<group>), so every cell names one."
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for p, prof in params["profiles"].items():
+        for cell, spec in params["study"]["cells"].items():
+            assert spec.get("seeds") in prof["seeds"], f"params.yaml: study.cells.{cell}.seeds = {spec.get('seeds')!r} is no group of profiles.{p}.seeds"
+
+
 # The whole smoke grid (23 cells) takes longer than a test should (two kernel starts and imports per cell):
 # the test runs one cell of each kind: two main cells (2 seeds), a lambda-grid cell, a BERT cell.
 CELLS = {"clip", "rankclip", CELL, "bert_clip"}
@@ -166,6 +184,23 @@ def test_smoke_pipeline_reproduces_and_reruns_only_the_changed_cell(tmp_path):
     assert run["config"]["lambda_in"] == 0.0078125
     print(f"smoke dvc repro: {first:.0f} s, rerun of one cell: {time.perf_counter() - t0 - first:.0f} s")
 
+    # a seed added to one cell (its group moves from ablation, seed 0, to main, seeds 0 and 1): that cell's stages alone go
+    # stale, and its seed 0 is reused, not retrained or re-evaluated
+    text = (repo / "params.yaml").read_text()
+    line = re.search(r"(?m)^    bert_clip: .*seeds: ablation\}", text)
+    (repo / "params.yaml").write_text(text.replace(line.group(0), line.group(0).replace("seeds: ablation", "seeds: main")))
+    assert stale_stages(repo) == {"train@bert_clip", "evaluate@bert_clip", "report"}
+    files_before = {p for p in (repo / "runs" / "bert_clip").rglob("*") if p.is_file()}
+    r = sh(["dvc", "repro"], repo)
+    assert set(re.findall(r"Running stage '([^']+)'", r.stdout)) == {"train@bert_clip", "evaluate@bert_clip", "report"}, r.stdout
+    model0 = json.loads((repo / "models" / "bert_clip" / "seed0" / "run.json").read_text())
+    assert model0["run"] == "finished" and json.loads((repo / "models" / "bert_clip" / "seed1" / "run.json").read_text())["run"] == "new"
+    assert "seed 0: reused" in "".join(o.get("text", "") for c in nbformat.read(repo / "results" / "runs" / "bert_clip" / "evaluate.ipynb", as_version=4).cells
+                                        for o in c.get("outputs", []))
+    assert files_before <= {p for p in (repo / "runs" / "bert_clip").rglob("*") if p.is_file()}  # nothing deleted
+    assert list(json.loads((repo / "results" / "runs" / "bert_clip" / "metrics.json").read_text())) == ["mean", "seed0", "seed1", "timing"]
+    assert stale_stages(repo) == set()
+
     # a change to the evaluation code makes every evaluation stale and no training
     code = repo / "rankclip" / "evaluate.py"
     original = code.read_text()
@@ -176,7 +211,7 @@ def test_smoke_pipeline_reproduces_and_reruns_only_the_changed_cell(tmp_path):
 
     # a broken cell fails its own stage with the notebook's error and keeps the executed notebook; nothing else is lost
     text = (repo / "params.yaml").read_text()
-    (repo / "params.yaml").write_text(text.replace("  cells:\n", "  cells:\n    broken: {loss: rankclip, lambda_in: -1}\n", 1))
+    (repo / "params.yaml").write_text(text.replace("  cells:\n", "  cells:\n    broken: {loss: rankclip, lambda_in: -1, seeds: ablation}\n", 1))
     r = sh(["dvc", "repro", "--keep-going"], repo, check=False)
     assert r.returncode != 0 and "lambda_in" in r.stdout + r.stderr
     failed = nbformat.read(repo / "results" / "runs" / "broken" / "train.ipynb", as_version=4)

@@ -13,8 +13,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from rankclip.train import (CheckpointError, ConfigError, NonFiniteLossError, TrainConfig, fit,
-                            latest_checkpoint, read_checkpoint)
+from rankclip.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint
+from rankclip.config import ConfigError, TrainConfig
+from rankclip.train import NonFiniteLossError, fit
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
