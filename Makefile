@@ -23,7 +23,11 @@ setup: $(STAMP)
 data: setup
 	$(BIN)/rankclip fetch-data
 
+# The prepared data first (seconds), then the plan: how many runs will train and how long they take on this machine
+# (measured), written to runs/progress.json; every trained seed then prints run k of n and the time left.
 repro: data
+	$(BIN)/dvc repro prepare tokenizers
+	$(BIN)/rankclip study estimate
 	$(BIN)/dvc repro
 
 # nbdev-test alone (every library notebook); `make test` does not run it: tests/test_docs.py executes each

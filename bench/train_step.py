@@ -14,7 +14,6 @@ Measures, never asserts. Every model sees the same real emoji images and caption
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import time
 
@@ -56,12 +55,9 @@ def matmul_gflops(n=2048, repeats=5):
 
 
 def cpu_name():
-    "The CPU's model name, as /proc/cpuinfo gives it."
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
+    "The CPU's model name (rankclip.train.cpu_info, as every run.json records it)."
+    from rankclip.train import cpu_info
+    return cpu_info()["model"]
 
 
 def ours(args, device, data):

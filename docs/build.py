@@ -40,7 +40,7 @@ class Page:
 
 
 def html_name(src: Path) -> str:
-    "The page's html file name, as nbdev names it (numeric prefix dropped: 02_losses -> losses.html)."
+    "The page's html file name, as nbdev names it (numeric prefix dropped: 09_losses -> losses.html)."
     from nbdev.config import nbpath2html
     return nbpath2html(Path(src.name)).name
 

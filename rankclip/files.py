@@ -12,7 +12,7 @@ import numpy as np
 import yaml
 
 # %% auto #0
-__all__ = ['UserError', 'MissingFileError', 'write_atomic', 'write_text', 'finite_or_null', 'write_json', 'replace_dir',
+__all__ = ['UserError', 'MissingFileError', 'write_atomic', 'write_text', 'finite_or_null', 'write_json', 'replace_dir', 'sha256',
            'sha256_file', 'load_yaml', 'dotted_keys', 'closest_key', 'set_dotted']
 
 # %% ../nbs/00_files.ipynb #1f5b1484
@@ -76,12 +76,15 @@ def replace_dir(path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 # %% ../nbs/00_files.ipynb #c89ae22d
-def sha256_file(path) -> str:
-    "Hex SHA-256 of the file at `path`."
+def sha256(parts) -> str:
+    "Hex SHA-256 of `parts`: one bytes or str (UTF-8) value, or an iterable of them hashed in order without concatenating."
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""): h.update(block)
+    for p in ([parts] if isinstance(parts, (bytes, str)) else parts): h.update(p.encode() if isinstance(p, str) else p)
     return h.hexdigest()
+
+def sha256_file(path) -> str:
+    "Hex SHA-256 of the file at `path`, read in 1 MiB blocks."
+    with open(path, "rb") as f: return sha256(iter(lambda: f.read(1 << 20), b""))
 
 # %% ../nbs/00_files.ipynb #af72ea63
 class _Loader(yaml.SafeLoader):

@@ -10,6 +10,7 @@ import yaml
 from PIL import Image
 
 import rankclip.data as rd
+import rankclip.fetch as rf
 from rankclip.files import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +20,7 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="session")
 def data():
-    try: rd.data_dir(DATA)
+    try: rf.data_dir(DATA)
     except rd.DataError as e: pytest.fail(f"{e} (`make test` does this before pytest)")
     return DATA
 
@@ -111,7 +112,7 @@ def test_second_fetch_is_offline(data):
     env = {**os.environ, "PATH": str(BIN)}
     r = subprocess.run([str(BIN / "rankclip"), "fetch-data"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    for s in rd.SOURCES: assert f"{s}: up to date" in r.stdout
+    for s in rf.SOURCES: assert f"{s}: up to date" in r.stdout
 
 
 def _fake_npm(tmp_path, files: dict) -> Path:
@@ -129,32 +130,32 @@ def fake_source(tmp_path, monkeypatch):
     archive = _fake_npm(tmp_path, {"package/a.json": "{}", "package/img/x/1.png": "png", "package/LICENSE": "MIT"})
     spec = dict(kind="npm", package="fake", version="1.0.0", root="package", sha256=sha256_file(archive),
                 keep=["package/a.json", "package/img/*/1.png", "package/LICENSE"], licence="MIT")
-    monkeypatch.setitem(rd.SOURCES, "fake", spec)
+    monkeypatch.setitem(rf.SOURCES, "fake", spec)
     calls = []
     def download(name, spec, dest):
         calls.append(name)
         out = Path(dest) / archive.name
         out.write_bytes(archive.read_bytes())
         return out
-    monkeypatch.setattr(rd, "download_archive", download)
+    monkeypatch.setattr(rf, "download_archive", download)
     return spec, calls
 
 
 def test_fetch_then_up_to_date(tmp_path, fake_source):
     spec, calls = fake_source
     root = tmp_path / "data"
-    assert rd.fetch_source("fake", root) == "fetched"
+    assert rf.fetch_source("fake", root) == "fetched"
     assert sorted(p.relative_to(root / "fake").as_posix() for p in (root / "fake").rglob("*") if p.is_file()) == \
         [".fetched.json", "LICENSE", "a.json", "img/x/1.png"]
-    assert rd.fetch_source("fake", root) == "up to date" and calls == ["fake"]
-    assert json.loads((root / "fake" / rd.MARKER).read_text())["sha256"] == spec["sha256"]
+    assert rf.fetch_source("fake", root) == "up to date" and calls == ["fake"]
+    assert json.loads((root / "fake" / rf.MARKER).read_text())["sha256"] == spec["sha256"]
 
 
 def test_hash_mismatch_names_source(tmp_path, fake_source, monkeypatch):
     spec, _ = fake_source
     monkeypatch.setitem(spec, "sha256", "0" * 64)
     with pytest.raises(rd.DataError, match=r"^fake: .*expected 0{64}") as e:
-        rd.fetch_source("fake", tmp_path / "data")
+        rf.fetch_source("fake", tmp_path / "data")
     assert sha256_file(tmp_path / "fake-1.0.0.tgz") in str(e.value)
     assert not (tmp_path / "data" / "fake").exists()
 
@@ -162,9 +163,9 @@ def test_hash_mismatch_names_source(tmp_path, fake_source, monkeypatch):
 def test_pinned_version_changed_refetches(tmp_path, fake_source, monkeypatch):
     spec, calls = fake_source
     root = tmp_path / "data"
-    rd.fetch_source("fake", root)
+    rf.fetch_source("fake", root)
     monkeypatch.setitem(spec, "version", "1.0.1")
-    assert not rd.is_fetched("fake", root) and rd.fetch_source("fake", root) == "fetched" and len(calls) == 2
+    assert not rf.is_fetched("fake", root) and rf.fetch_source("fake", root) == "fetched" and len(calls) == 2
 
 
 # Errors for a missing or incomplete data folder
@@ -175,7 +176,7 @@ def test_missing_data_folder(tmp_path):
         with pytest.raises(rd.DataError, match=r"rankclip fetch-data") as e: rd.emoji_catalogue(bad)
         assert str(bad) in str(e.value)
     (tmp_path / "d" / "emoji").mkdir(parents=True)
-    with pytest.raises(rd.DataError, match=r"d/emoji/: missing, incomplete"): rd.data_dir(tmp_path / "d", "emoji")
+    with pytest.raises(rd.DataError, match=r"d/emoji/: missing, incomplete"): rf.data_dir(tmp_path / "d", "emoji")
 
 
 def test_cli_missing_data_is_one_line(tmp_path):
@@ -195,16 +196,16 @@ def test_dvc_dir_hash_matches_dvc(tmp_path):
     subprocess.run(dvc + ["init", "--no-scm", "-q"], cwd=d, check=True)
     subprocess.run(dvc + ["add", "-q", "data"], cwd=d, check=True)
     out = yaml.safe_load((d / "data.dvc").read_text())["outs"][0]
-    assert rd.dvc_dir_hash(d / "data") == (out["md5"], out["size"], out["nfiles"])
+    assert rf.dvc_dir_hash(d / "data") == (out["md5"], out["size"], out["nfiles"])
     (d / "data" / "b.txt").write_text("changed")
     import shutil; shutil.rmtree(d / ".dvc" / "cache")
     with pytest.raises(rd.DataError, match=r"data/: content hash .* differs from .*data.dvc"):
-        rd.verify_dvc(d / "data", d / "data.dvc")
+        rf.verify_dvc(d / "data", d / "data.dvc")
 
 
 def test_data_dvc_matches_fetched(data):
     out = yaml.safe_load((ROOT / "data.dvc").read_text())["outs"][0]
-    assert rd.dvc_dir_hash(data)[0] == out["md5"]
+    assert rf.dvc_dir_hash(data)[0] == out["md5"]
 
 
 def test_dvc_stage_prepare():

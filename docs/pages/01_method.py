@@ -9,7 +9,7 @@
 # batch does not. RankCLIP (Zhang et al., ICCV 2025) keeps that loss and adds a second signal: the
 # *order* in which one side ranks the other should agree across modalities and within them. Captions
 # that are similar to an image's caption should rank high for that image, even though they are
-# "negatives" for CLIP. This page states the method; [Losses](02_losses.ipynb) implements it and
+# "negatives" for CLIP. This page states the method; [Losses](09_losses.ipynb) implements it and
 # checks each piece against an independent reference.
 #
 # ## Similarities
@@ -82,7 +82,7 @@
 #   over epochs $e = 1..E$, so the weight ends at $2/16$ (`official_ramp=True`).
 # - **Numerics.** The code's ListMLE (from allRank) subtracts the row maximum and takes
 #   $\log(\text{cumsum}(e^{x}) + 10^{-10})$: at logit scale 100 a row spans 200 logits, the tail
-#   underflows in float32 and the term degenerates. [Losses](02_losses.ipynb) shows the failure.
+#   underflows in float32 and the term degenerates. [Losses](09_losses.ipynb) shows the failure.
 # - **Gradients across GPUs.** `all_gather` carries no gradient in the code (only local rows get
 #   gradients); `gather_with_grad` chooses here, and the local-loss decomposition makes both exact.
 #
@@ -96,4 +96,4 @@
 #
 # with alignment $\tfrac1n\sum_i \lVert u_i - v_i\rVert^2$ and uniformity beside it. Every number is
 # reported with a bootstrap confidence interval and the chance and majority baselines:
-# [Evaluate](04_evaluate.ipynb).
+# [Evaluate](17_evaluate.ipynb).
