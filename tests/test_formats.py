@@ -1,14 +1,12 @@
-"""Bad-input and multi-process checks of rankclip.formats; every malformed input is built here, in tmp_path."""
-import io, json, socket, subprocess, sys, textwrap, warnings
+"""Bad-input checks of rankclip.formats; every malformed input is built here, in tmp_path. Shards and tables read by
+index for training (rankclip.loading), bad shards included, are checked in tests/test_corpus.py."""
+import io, json, socket, subprocess, warnings
 
 import numpy as np
 import pytest
 from PIL import Image
-from torch.utils.data import DataLoader
 
-from rankclip.formats import (CsvImageText, ImageError, SampleError, ShardImageText, SkipCounter, Skipped,
-                              collate_skipping, expand_shards, load_image, split_shards, write_shard,
-                              zero_shot_dataset)
+from rankclip.formats import CsvImageText, ImageError, SampleError, Skipped, expand_shards, load_image, zero_shot_dataset
 
 
 def save(im, path, fmt=None, **kw):
@@ -25,11 +23,6 @@ def encoded(im, fmt, **kw):
 
 def pixel(im, xy=(0, 0)):
     return np.array(im.getpixel(xy), dtype=float)
-
-
-def to_tensor(im):
-    import torch
-    return torch.from_numpy(np.asarray(im).copy())
 
 
 # --- image decoding -------------------------------------------------------------------------------
@@ -222,35 +215,22 @@ def test_csv_missing_table(tmp_path):
         CsvImageText(tmp_path / "nothere.tsv")
 
 
-def test_csv_skip_mode_with_workers_counts_and_reports(tmp_path):
+def test_csv_skip_mode_returns_named_records(tmp_path):
     rows = [(f"images/{i % 3}.png", f"caption {i}") for i in range(12)]
     rows[2] = ("images/0.png", "")
     rows[5] = ("images/missing.png", "lost")
     rows[9] = ("images/bad.png", "broken")
     f = cc3m(tmp_path, rows)
     (tmp_path / "images" / "bad.png").write_bytes(b"not a png")
-    ds = CsvImageText(f, transform=to_tensor, on_error="skip")
-    loader = DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate_skipping)
-    counter = SkipCounter()
-    captions = [c for images, caps in counter.track(loader) for c in caps]
-    assert captions == [f"caption {i}" for i in range(12) if i not in (2, 5, 9)]
-    assert counter.seen == 12 and len(counter.skipped) == 3
-    report = counter.report()
-    assert report.startswith("skipped 3 of 12 samples: ")
-    assert f"1 empty caption ({f} line 4)" in report
-    assert f"1 missing image file ({f} line 7 (" in report
-    assert "1 corrupt image (" in report and "line 11 (" in report and "bad.png" in report
-
-
-def test_skip_counter_report_format():
-    counter = SkipCounter()
-    items = [Skipped("corrupt image", "a.jpg"), Skipped("corrupt image", "b.jpg"), Skipped("empty caption", "line 17")]
-    items += [i for i in range(997)]
-    assert len(list(counter.track(items))) == 997
-    assert counter.report() == "skipped 3 of 1,000 samples: 2 corrupt image (a.jpg, b.jpg), 1 empty caption (line 17)"
-    many = SkipCounter(max_names=2)
-    list(many.track([Skipped("x", str(i)) for i in range(4)]))
-    assert many.report() == "skipped 4 of 4 samples: 4 x (0, 1, ...)"
+    ds = CsvImageText(f, on_error="skip")
+    items = [ds[i] for i in range(len(ds))]
+    assert [x[1] for x in items if not isinstance(x, Skipped)] == [f"caption {i}" for i in range(12) if i not in (2, 5, 9)]
+    skipped = [x for x in items if isinstance(x, Skipped)]
+    assert skipped[:2] == [Skipped("empty caption", f"{f} line 4"),
+                           Skipped("missing image file", f"{f} line 7 ({tmp_path / 'images' / 'missing.png'})")]
+    assert skipped[2] == Skipped("corrupt image", f"{f} line 11 ({tmp_path / 'images' / 'bad.png'})")
+    with pytest.raises(ImageError, match=r"line 11 \(.*bad\.png\): corrupt image"):
+        ds.read(9)  # the row without the skip policy
 
 
 def test_on_error_value_checked(tmp_path):
@@ -260,128 +240,10 @@ def test_on_error_value_checked(tmp_path):
 
 # --- webdataset shards ----------------------------------------------------------------------------
 
-def png(colour):
-    return encoded(Image.new("RGB", (6, 6), colour), "PNG")
-
-
-def make_shards(folder, n_shards, per_shard):
-    folder.mkdir(parents=True, exist_ok=True)
-    for s in range(n_shards):
-        write_shard(folder / f"shard-{s:05d}.tar",
-                    [(f"{s:05d}{i:04d}", {"jpg": encoded(Image.new("RGB", (6, 6), "red"), "JPEG"),
-                                          "txt": f"sample {s}-{i}".encode(), "json": b'{"status": "success"}'})
-                     for i in range(per_shard)])
-    return str(folder / ("shard-{00000..%05d}.tar" % (n_shards - 1)))
-
-
 @pytest.mark.parametrize("pattern", ["shard-{00000..00009}.tar", "a{1..3}b{x,yz}.tar", "s{8..11}.tar", "{10..7}"])
 def test_brace_expansion_matches_bash(pattern):
     bash = subprocess.run(["bash", "-c", f"echo {pattern}"], capture_output=True, text=True, check=True).stdout.split()
     assert expand_shards(pattern) == bash
-
-
-def test_shard_reads_members_and_tolerates_json(tmp_path):
-    write_shard(tmp_path / "s.tar", [("a/001", {"json": b"{}", "png": png("blue"), "txt": b"blue"}),
-                                     ("a/002", {"webp": encoded(Image.new("RGB", (6, 6), "green"), "WEBP", lossless=True), "txt": b"green"})])
-    out = list(ShardImageText(tmp_path / "s.tar"))
-    assert [c for _, c in out] == ["blue", "green"]
-    np.testing.assert_allclose(pixel(out[0][0]), [0, 0, 255])
-    np.testing.assert_allclose(pixel(out[1][0]), [0, 128, 0])
-
-
-def test_shard_sample_without_text(tmp_path):
-    write_shard(tmp_path / "s.tar", [("000", {"jpg": png("red"), "txt": b"red"}), ("001", {"jpg": png("red"), "json": b"{}"})])
-    with pytest.raises(SampleError) as e:
-        list(ShardImageText(tmp_path / "s.tar"))
-    assert f"{tmp_path / 's.tar'}: 001: missing text" in str(e.value) and "members: jpg, json" in str(e.value)
-
-
-def test_shard_sample_without_image_and_empty_caption(tmp_path):
-    write_shard(tmp_path / "s.tar", [("000", {"txt": b"no picture"}), ("001", {"png": png("red"), "txt": b" "})])
-    with pytest.raises(SampleError, match=r"s\.tar: 000: missing image"):
-        list(ShardImageText(tmp_path / "s.tar"))
-    counter = SkipCounter()
-    assert list(counter.track(ShardImageText(tmp_path / "s.tar", on_error="skip"))) == []
-    assert counter.report() == (f"skipped 2 of 2 samples: 1 missing image ({tmp_path / 's.tar'}: 000), "
-                                f"1 empty caption ({tmp_path / 's.tar'}: 001.txt)")
-
-
-def test_shard_corrupt_image_names_member(tmp_path):
-    write_shard(tmp_path / "s.tar", [("007", {"jpg": b"\xff\xd8\xff garbage", "txt": b"x"})])
-    with pytest.raises(ImageError, match=r"s\.tar: 007\.jpg: corrupt image"):
-        list(ShardImageText(tmp_path / "s.tar"))
-
-
-def test_truncated_shard(tmp_path):
-    write_shard(tmp_path / "s.tar", [(f"{i:03d}", {"png": png("red"), "txt": b"red"}) for i in range(4)])
-    data = (tmp_path / "s.tar").read_bytes()
-    (tmp_path / "cut.tar").write_bytes(data[: 512 * 3 + 100])  # inside the header after 000.txt
-    with pytest.raises(SampleError, match=r"cut\.tar: truncated shard \(it ends inside the header after 000\.txt; it held 1 complete"):
-        list(ShardImageText(tmp_path / "cut.tar"))
-    counter = SkipCounter()
-    assert [c for _, c in counter.track(ShardImageText(tmp_path / "cut.tar", on_error="skip"))] == ["red"]
-    assert "1 truncated shard (" in counter.report()
-
-
-def test_ten_sample_shard_cut_at_55_percent_is_reported_as_truncated(tmp_path):
-    # The case of the issue: an interrupted copy of a 10-sample shard read as "006: missing text",
-    # and in skip mode as 6 samples with "skipped 1 of 7".
-    write_shard(tmp_path / "s.tar", [(f"{i:03d}", {"jpg": png("red"), "txt": b"red", "json": b"{}"}) for i in range(10)])
-    data = (tmp_path / "s.tar").read_bytes()
-    (tmp_path / "cut.tar").write_bytes(data[: int(len(data) * 0.55)])
-    with pytest.raises(SampleError) as e:
-        list(ShardImageText(tmp_path / "cut.tar"))
-    assert "cut.tar: truncated shard (it ends" in str(e.value) and "missing text" not in str(e.value)
-    held = int(str(e.value).split("it held ")[1].split()[0])
-    counter = SkipCounter()
-    kept = list(counter.track(ShardImageText(tmp_path / "cut.tar", on_error="skip")))
-    assert len(kept) == held and 0 < held < 10
-    assert counter.by_reason() == {"truncated shard": [str(tmp_path / "cut.tar")]}
-
-
-def test_missing_shard_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="shard-00001.tar"):
-        ShardImageText(str(tmp_path / "shard-{00000..00001}.tar"))
-
-
-def test_too_few_shards_for_ranks(tmp_path):
-    write_shard(tmp_path / "s.tar", [("0", {"png": png("red"), "txt": b"x"})])
-    with pytest.raises(ValueError, match="1 shards cannot feed 2 ranks"):
-        ShardImageText(tmp_path / "s.tar", rank=0, world_size=2)
-
-
-def test_split_shards_partition():
-    shards = list(range(11))
-    parts = [split_shards(shards, r, 3, w, 2) for r in range(3) for w in range(2)]
-    assert sorted(x for p in parts for x in p) == shards
-
-
-def test_shards_across_two_ranks_and_two_workers_cover_every_sample_once(tmp_path):
-    pattern = make_shards(tmp_path / "shards", n_shards=6, per_shard=3)
-    seen = []
-    for rank in range(2):
-        ds = ShardImageText(pattern, transform=to_tensor, rank=rank, world_size=2)
-        loader = DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate_skipping)
-        seen += [c for _, caps in SkipCounter().track(loader) for c in caps]
-    assert sorted(seen) == sorted(f"sample {s}-{i}" for s in range(6) for i in range(3))
-
-
-def test_rank_defaults_from_torch_distributed(tmp_path):
-    pattern = make_shards(tmp_path / "shards", n_shards=4, per_shard=2)
-    script = textwrap.dedent(f"""
-        import json, sys, torch.distributed as dist
-        from rankclip.formats import ShardImageText
-        rank = int(sys.argv[1])
-        dist.init_process_group("gloo", init_method="file://{tmp_path / 'rendezvous'}", rank=rank, world_size=2)
-        ds = ShardImageText({pattern!r})
-        json.dump([ds.rank, ds.world_size, [c for _, c in ds]], open(f"{tmp_path}/out{{rank}}.json", "w"))
-        dist.barrier(); dist.destroy_process_group()
-    """)
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(r)]) for r in range(2)]
-    assert [p.wait(timeout=120) for p in procs] == [0, 0]
-    outs = [json.loads((tmp_path / f"out{r}.json").read_text()) for r in range(2)]
-    assert [o[:2] for o in outs] == [[0, 2], [1, 2]]
-    assert sorted(outs[0][2] + outs[1][2]) == sorted(f"sample {s}-{i}" for s in range(4) for i in range(2))
 
 
 # --- zero-shot sets -------------------------------------------------------------------------------

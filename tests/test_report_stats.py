@@ -1,13 +1,18 @@
 """The report's statistics against answers worked out by hand: main effects, interaction and F statistics of a
 balanced design with seed blocks from plain means and sums of squares, Holm's adjustment, and the within-block
-permutation test on a case whose exact p is known."""
-import itertools
+permutation test on a case whose exact p is known; and that the report notebook takes the cells it compares
+from params.yaml rather than naming them."""
+import ast, itertools, json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from rankclip.report import contrasts, f_test, holm, permutation_p
+from rankclip.study import load_params
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def balanced(interaction: float = 0.0, seed: int = 0) -> pd.DataFrame:
@@ -80,3 +85,12 @@ def test_permutation_p_matches_the_exact_within_block_distribution():
     p = permutation_p(f, "y ~ C(seed)", "y ~ C(g) + C(seed)", n_perm=4000, seed=1)
     assert abs(p - exact) < 0.025
     assert permutation_p(f, "y ~ C(seed)", "y ~ C(g) + C(seed)", n_perm=4000, seed=1) == p  # seeded
+
+
+def test_the_report_notebook_names_no_cell_by_hand():
+    # the cells it compares come from params.yaml (study.reference, report.baseline), their names from study.cells.<cell>.label
+    cells = set(load_params(ROOT / "params.yaml")["study"]["cells"])
+    nb = json.loads((ROOT / "nbs/experiments/report.ipynb").read_text())
+    code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    named = {n.value for n in ast.walk(ast.parse(code)) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    assert not named & cells, f"nbs/experiments/report.ipynb names cells {sorted(named & cells)}: read them from params.yaml"
