@@ -145,16 +145,17 @@ def holm(p) -> np.ndarray:
 BETTER = ("higher", "lower", "either")
 
 def check_claims(params: dict) -> list[dict]:
-    "params.yaml's `report.claims`, each checked: its fields are there, its results are of registered kinds, `better` is known."
+    "params.yaml's `report.claims`, each checked: its fields are there (`key`: its short name in the DVC metrics, unique), its results are of registered kinds, `better` is known."
     claims = (params.get("report") or {}).get("claims") or []
     for i, c in enumerate(claims):
         where = f"params.yaml: report.claims[{i}] ({c.get('claim', '?')!r})"
-        for field in ("claim", "cell", "against", "results", "better"):
+        for field in ("key", "claim", "cell", "against", "results", "better"):
             if field not in c: raise UserError(f"{where}: missing field {field!r}")
         if c["better"] not in BETTER: raise UserError(f"{where}: better {c['better']!r}: expected one of {BETTER}")
         for r in c["results"]:
             try: kind_of(r)
             except ValueError as e: raise UserError(f"{where}: {e}") from None
+        if [x["key"] for x in claims].count(c["key"]) > 1: raise UserError(f"{where}: key {c['key']!r} names another claim too")
     return claims
 
 def verdict(mean: float, p: float, better: str, alpha: float = 0.05) -> str:
@@ -656,13 +657,21 @@ def learning_lines(summary, chance: dict, cell: str, metrics: list) -> list[str]
                      + ("above chance over seeds." if above else "not shown to be above chance: at this scale the runs are too small to compare methods on it."))
     return lines
 
-def summary_metrics(claims, summary, metrics: list, cells: list[str]) -> dict:
-    "The report's metrics file: each row of `claims_table` (mean, interval, n, Holm p) and each of `cells`' mean on the first of `metrics`; NaN as null."
-    s = summary.set_index(["cell", "benchmark", "metric"])
-    out = {"claims": {f"{r.cell}-{r.against}.{r.result}.{r.metric}": {"mean": r.mean, "ci_low": r.ci_low, "ci_high": r.ci_high, "n": int(r.n),
-                                                                      "p_holm": r.p_holm} for r in claims.itertuples()},
-           "headline": {c: {f"{b}.{m}": s.loc[(c, b, m), "mean"] for _, b, m in metrics[:1] if (c, b, m) in s.index} for c in cells}}
-    return json.loads(json.dumps(out, default=float).replace("NaN", "null"))
+def summary_metrics(claims, keys: dict, ablations: dict, effects: dict) -> dict:
+    "The metrics file DVC compares, one short-named number each: per claim (`keys`: claim -> name) its first result's difference (points for accuracies), per `effects` entry (name -> 'A: effect') that ablation's estimate on its first metric; None where absent."
+    out = {}
+    for claim, name in keys.items():
+        rows = claims[claims["claim"] == claim]
+        r = rows.iloc[0] if len(rows) else None
+        k = 100 if r is not None and RESULT_KINDS[kind_of(r["result"])].percent else 1
+        out[name] = round(float(k * r["mean"]), 3) if r is not None and np.isfinite(r["mean"]) else None
+    for name, spec in effects.items():
+        which, effect = spec.split(": ", 1)
+        e = (ablations.get(which) or {}).get("effects")
+        first = e[e["metric"] == e["metric"].iloc[0]] if e is not None and len(e) else None
+        hit = first[first["effect"] == effect] if first is not None else ()
+        out[name] = round(float(hit["estimate"].iloc[0]), 3) if len(hit) else None
+    return out
 
 # %% ../nbs/21_report_stats.ipynb #468c0bbb
 def _effect_panel(ax, effects, metrics: list[str], title: str, unit: str):
