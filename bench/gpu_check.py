@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rankclip.study import TOKENIZER_DIR, load_params, resolve_run
+from rankclip.runs import TOKENIZER_DIR, resolve_run
+from rankclip.study import load_params
 from rankclip.text import train_tokenizer
 from rankclip.train import (ImageTextPairs, build_model, cosine_lr, set_lr, setup_runtime, setup_training,
                             train_step)

@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from gpu_check import bf16_agreement  # noqa: E402
 
 from rankclip.loading import fit_square, make_corpus, open_corpus  # noqa: E402
-from rankclip.study import load_params, resolve_run  # noqa: E402
+from rankclip.runs import resolve_run  # noqa: E402
+from rankclip.study import load_params  # noqa: E402
 from rankclip.train import fit  # noqa: E402
 
 

@@ -5,7 +5,7 @@
 # %% ../nbs/04_loading.ipynb #4659f082
 from __future__ import annotations
 
-import hashlib, io, json, os, tarfile
+import io, json, os, tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .files import MissingFileError, UserError, write_json
+from .files import MissingFileError, UserError, sha256, write_json
 from .formats import (IMAGE_EXTS, CsvImageText, SampleError, Skipped, check_on_error, expand_shards, is_whole, key_ext,
                       load_image)
 
@@ -76,7 +76,7 @@ def cached_scan(path: str | Path, cache: Path | None = None) -> TarScan:
     p = Path(path).resolve()
     st = p.stat()
     stamp = {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    f = Path(cache or index_cache_dir())/(hashlib.sha256(str(p).encode()).hexdigest()[:24] + ".json")
+    f = Path(cache or index_cache_dir())/(sha256(str(p))[:24] + ".json")
     try:
         saved = json.loads(f.read_text())
         if saved["stamp"] == stamp: return TarScan([TarMember(*m) for m in saved["members"]], saved["cut"], saved["cut_in"])

@@ -162,9 +162,9 @@ def weights_digest(model_dir) -> str:
                   for part in (f"{k} {t.dtype} {tuple(t.shape)}", t.reshape(-1).view(torch.uint8).numpy().tobytes()))
 
 def machine_key() -> str:
-    "What bit-identity of a CPU run depends on besides the code: PyTorch's version, its vector instructions and threads."
+    "What bit-identity of a CPU run depends on besides its code and configuration (threads are a training field): PyTorch's version and vector instructions."
     import torch
-    return f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
+    return f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}"
 
 def short_run_digests(params: dict, root, cells: dict = DIGEST_CELLS, profile: str = "cpu") -> dict:
     "{cell: weights digest} of a short run ({cell: steps}) of each cell at seed 0 of `profile` (a refactor that changes no result keeps them)."
