@@ -17,7 +17,8 @@ from .loading import CORPUS_TYPES
 from .losses import LISTMLE, LOSSES
 
 # %% auto #0
-__all__ = ['TRAINING_SOURCES', 'EXECUTION_FIELDS', 'training_source', 'ConfigError', 'TrainConfig', 'load_training_pairs']
+__all__ = ['TRAINING_SOURCES', 'EXECUTION_FIELDS', 'VALIDATION_SEED', 'training_source', 'ConfigError', 'TrainConfig',
+           'validation_emoji', 'load_training_pairs', 'validation_drawings']
 
 # %% ../nbs/10_config.ipynb #02e8f0c8
 TRAINING_SOURCES: dict[str, typing.Callable] = {}
@@ -66,6 +67,7 @@ class TrainConfig:
     image_size: int = 32
     tokenizer: str | None = None  # a saved tokenizer folder; None: the encoder's default
     init_from: str | None = None  # an open_clip checkpoint file of the same architecture to start from (fine-tuning)
+    text_dropout: float | None = None  # BERT/RoBERTa hidden and attention dropout; None: the config's 0.1 (CLIP's tower has none)
     # loss: a name in rankclip.losses.LOSSES (clip | rankclip | cyclip); each reads the fields it names
     loss: str = "rankclip"
     lambda_cross: float = 1 / 16
@@ -83,6 +85,7 @@ class TrainConfig:
     data_root: str = "prepared"
     train_vendors: list = field(default_factory=lambda: ["apple", "google", "twitter"])
     limit: int | None = None  # train on a seeded random subset of this many pairs
+    validation: float = 0.0  # emoji source: hold this fraction of the emoji out of training, all their drawings (rankclip.config.validation_emoji)
     data_type: str = "auto"  # a corpus on disk: auto (by extension) | table | shards
     csv_img_key: str = "filepath"  # a table's image path column (open_clip's default)
     csv_caption_key: str = "title"  # a table's caption column
@@ -133,10 +136,14 @@ class TrainConfig:
                 raise ConfigError(f"training parameter {name} = {getattr(self, name)!r} is invalid: expected one of {allowed}")
         rules = [(n, "a positive number", lambda x: x > 0) for n in ("batch_size", "epochs", "lr", "checkpoint_every")]
         rules += [(n, "a number >= 0", lambda x: x >= 0) for n in ("warmup_steps", "lambda_cross", "lambda_in", "workers")]
+        rules += [("validation", "a fraction in [0, 1)", lambda x: 0 <= x < 1),
+                  ("text_dropout", "None or a fraction in [0, 1)", lambda x: x is None or 0 <= x < 1)]
         rules += [("prefetch", "a positive number", lambda x: x > 0), ("shuffle_chunk", "None or a number >= 0", lambda x: x is None or x >= 0)]
         for name, want, ok in rules:
             if not ok(getattr(self, name)):
                 raise ConfigError(f"training parameter {name} = {getattr(self, name)!r} is invalid: expected {want}")
+        if self.validation and self.data != "emoji":
+            raise ConfigError(f"training parameter validation = {self.validation} applies to data=emoji only (data is {self.data!r}): set validation=0")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -163,17 +170,46 @@ EXECUTION_FIELDS = frozenset({"out_dir", "resume", "progress", "log_every", "che
 
 
 # %% ../nbs/10_config.ipynb #3f935918
-@training_source("emoji")
-def load_training_pairs(cfg: TrainConfig):
-    "Images and captions of the training vendors from the prepared emoji source."
-    from rankclip.data import load_prepared
-    src = load_prepared("emoji", cfg.data_root)
+VALIDATION_SEED = 0  # the validation emoji are the same for every run, whatever its seed
+
+def validation_emoji(src, vendors: list[str], fraction: float) -> np.ndarray:
+    "Emoji labels held out for validation: a `fraction` of those the training `vendors` draw, chosen by `VALIDATION_SEED`."
+    names = src.label_names["vendor"]
+    drawn = np.unique(np.asarray(src.labels["emoji"])[np.isin(src.labels["vendor"], [names.index(v) for v in vendors])])
+    k = int(round(fraction * len(drawn)))
+    return np.sort(np.random.default_rng(VALIDATION_SEED).choice(drawn, k, replace=False)) if k else drawn[:0]
+
+def _training_vendors(cfg: TrainConfig, src) -> np.ndarray:
     vendors = src.label_names["vendor"]
     unknown = sorted(set(cfg.train_vendors) - set(vendors))
     if unknown:
         raise ConfigError(f"train_vendors {unknown} not in the emoji source; available: {vendors}")
-    keep = np.isin(src.labels["vendor"], [vendors.index(v) for v in cfg.train_vendors])
+    return np.isin(src.labels["vendor"], [vendors.index(v) for v in cfg.train_vendors])
+
+@training_source("emoji")
+def load_training_pairs(cfg: TrainConfig):
+    "Images and captions of the training vendors from the prepared emoji source, less the validation emoji (`cfg.validation`)."
+    from rankclip.data import load_prepared
+    src = load_prepared("emoji", cfg.data_root)
+    keep = _training_vendors(cfg, src)
+    if cfg.validation:
+        keep &= ~np.isin(src.labels["emoji"], validation_emoji(src, cfg.train_vendors, cfg.validation))
     idx = np.flatnonzero(keep)
     if cfg.limit is not None and cfg.limit < len(idx):
         idx = np.sort(np.random.default_rng(cfg.seed).choice(idx, cfg.limit, replace=False))
     return np.asarray(src.images[idx]), [src.captions[i] for i in idx]
+
+def validation_drawings(cfg: TrainConfig):
+    """What a run trained with `cfg.validation` never saw: the validation emoji's drawings without skin tone by the training vendors,
+    as (images, labels 0..k-1, the k emoji names). Never the held-out vendor, never an evaluation set."""
+    from rankclip.data import load_prepared, emoji_names
+    if not cfg.validation:
+        raise ConfigError("validation = 0: no emoji were held out of training; set validation (e.g. 0.1) to carve a validation split")
+    src = load_prepared("emoji", cfg.data_root)
+    held = validation_emoji(src, cfg.train_vendors, cfg.validation)
+    none = src.label_names["skin_tone"].index("none")
+    emoji = np.asarray(src.labels["emoji"])
+    idx = np.flatnonzero(_training_vendors(cfg, src) & np.isin(emoji, held) & (np.asarray(src.labels["skin_tone"]) == none))
+    names = emoji_names(src.captions, emoji, src.labels["skin_tone"], none)
+    classes, labels = np.unique(emoji[idx], return_inverse=True)
+    return np.asarray(src.images[idx]), labels, [names[int(e)] for e in classes]

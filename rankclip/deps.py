@@ -18,7 +18,7 @@ __all__ = ['PACKAGE', 'EXPERIMENTS', 'STAGE_ROOTS', 'rankclip_imports', 'module_
 # %% ../nbs/19_deps.ipynb #3b14885d
 PACKAGE = Path(__file__).resolve().parent if "__file__" in globals() else Path("../rankclip").resolve()
 EXPERIMENTS = Path("nbs/experiments")
-STAGE_ROOTS = {"prepare": ("data",), "tokenizers": ("runs",), "notebooks": ("study",)}  # command stages: the module each runs
+STAGE_ROOTS = {"prepare": ("data",), "tokenizers": ("runs",), "sweep": ("sweep",), "notebooks": ("study",)}  # command stages: the module each runs
 
 def rankclip_imports(source: str, package: Path = PACKAGE) -> set[str]:
     "The modules of `package` that `source` imports, at top level or inside functions."

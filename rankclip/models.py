@@ -213,15 +213,16 @@ class CausalTextTransformer(nn.Module):
 
 # %% ../nbs/07_models.ipynb #7704a172
 class BidirectionalTextEncoder(nn.Module):
-    "BERT or RoBERTa (random init from its config), pooled at the first token, projected to `embed_dim`."
+    "BERT or RoBERTa (random init from its config), pooled at the first token, projected to `embed_dim`; `dropout` on hidden states and attention (the configs' default 0.1)."
     def __init__(self, family: str, vocab_size: int, embed_dim: int, width: int = 768, layers: int = 12,
-                 heads: int = 12, context_length: int = 512, pad_id: int = 0):
+                 heads: int = 12, context_length: int = 512, pad_id: int = 0, dropout: float = 0.1):
         super().__init__()
         from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel  # slow import: only when used
         config_cls, model_cls = {"bert": (BertConfig, BertModel), "roberta": (RobertaConfig, RobertaModel)}[family]
         config = config_cls(vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
                             intermediate_size=4 * width, pad_token_id=pad_id, type_vocab_size=2 if family == "bert" else 1,
-                            max_position_embeddings=context_length + (pad_id + 1 if family == "roberta" else 0))
+                            max_position_embeddings=context_length + (pad_id + 1 if family == "roberta" else 0),
+                            hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
         config._attn_implementation = "sdpa"
         self.transformer = model_cls(config, add_pooling_layer=False)
         self.proj = nn.Linear(width, embed_dim, bias=False)
@@ -256,20 +257,26 @@ def text_spec(name: str, **overrides) -> dict:
         raise ModelError(f"unknown text encoder {name!r} (closest known: {', '.join(close) or 'none'}); use one of the presets, "
                          + "; ".join(f"{k} ({v['family']}, {v['layers']} layers x {v['width']} wide)" for k, v in TEXT_ENCODERS.items())
                          + ", or add one to rankclip.models.TEXT_ENCODERS")
-    unknown = set(overrides) - set(ARCHITECTURE_KEYS)
-    if unknown: raise ModelError(f"text encoder {name!r}: unknown setting(s) {sorted(unknown)}; settable: {list(ARCHITECTURE_KEYS)}")
+    unknown = set(overrides) - {*ARCHITECTURE_KEYS, "dropout"}
+    if unknown: raise ModelError(f"text encoder {name!r}: unknown setting(s) {sorted(unknown)}; settable: {[*ARCHITECTURE_KEYS, 'dropout']}")
     spec = {**TEXT_ENCODERS[name], **overrides}
+    if "dropout" in spec:
+        if not 0 <= spec["dropout"] < 1: raise ModelError(f"text encoder {name!r}: dropout {spec['dropout']} is not in [0, 1)")
+        if spec["family"] == "clip" and spec["dropout"]:
+            raise ModelError(f"text encoder {name!r}: CLIP's text transformer has no dropout; set dropout 0 or leave it unset")
     _check_positive(**{k: spec[k] for k in ARCHITECTURE_KEYS})
     if spec["width"] % spec["heads"]:
         raise ModelError(f"text encoder {name!r}: width {spec['width']} is not divisible by heads {spec['heads']}")
     return spec
 
 def create_text_encoder(name: str, embed_dim: int, vocab_size: int, pad_id: int = 0, **overrides) -> nn.Module:
-    "The text encoder preset `name` (with architecture `overrides`) for a tokenizer of `vocab_size` tokens."
+    "The text encoder preset `name` (with architecture `overrides` and `dropout`) for a tokenizer of `vocab_size` tokens."
     _check_positive(embed_dim=embed_dim, vocab_size=vocab_size)
     spec = text_spec(name, **overrides)
     family = spec.pop("family")
-    if family == "clip": return CausalTextTransformer(vocab_size, embed_dim, **spec)
+    if family == "clip":
+        spec.pop("dropout", None)
+        return CausalTextTransformer(vocab_size, embed_dim, **spec)
     return BidirectionalTextEncoder(family, vocab_size, embed_dim, pad_id=pad_id, **spec)
 
 # %% ../nbs/07_models.ipynb #2c6454f4

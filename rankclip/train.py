@@ -187,7 +187,8 @@ def build_model(cfg: TrainConfig):
     "The dual encoder the configuration names, initialised randomly or from the open_clip checkpoint `init_from`."
     from rankclip.models import create_model
     model = create_model(image_encoder=cfg.image_encoder, text_encoder=cfg.text_encoder,
-                         embed_dim=cfg.embed_dim, image_size=cfg.image_size, tokenizer=cfg.tokenizer)
+                         embed_dim=cfg.embed_dim, image_size=cfg.image_size, tokenizer=cfg.tokenizer,
+                         **({} if cfg.text_dropout is None else {"dropout": cfg.text_dropout}))
     if cfg.init_from:
         from rankclip.openclip import load_open_clip_weights
         load_open_clip_weights(model, cfg.init_from)

@@ -66,3 +66,13 @@ def test_fp16_trains_with_a_gradient_scaler(tmp_path, prepared_root):
     assert summary["steps"] == 3 and 0 < scaler["scale"] <= 2.0 ** 16
     run = json.loads((tmp_path / "fp16" / "run.json").read_text())
     assert run["precision"] == "torch.float16"
+
+
+def test_study_deps_prints_a_stages_modules():
+    "`rankclip study deps STAGE` (the README's way to write dvc.yaml's deps) prints the modules the stage runs, `@item` allowed."
+    root = Path(__file__).resolve().parents[1]
+    r = rankclip("study", "deps", "sweep@bert-base", cwd=root)
+    assert r.returncode == 0, r.stdout + r.stderr
+    listed = r.stdout.split()
+    assert {"rankclip/sweep.py", "rankclip/train.py", "rankclip/features.py"} <= set(listed) and "rankclip/report.py" not in listed
+    assert "rankclip/evaluate.py" not in rankclip("study", "deps", "train", cwd=root).stdout.split()

@@ -272,3 +272,23 @@ def test_tokenizer_path_and_context_override(tmp_path, tokenizers):
     short = create_model("resnet18", "clip-2x128", embed_dim=8, image_size=32, context_length=16)
     assert short.tokenize(["a"])["input_ids"].shape == (1, 16) and short.text_encoder.positional_embedding.shape[0] == 16
     assert isinstance(short, DualEncoder)
+
+
+def test_text_dropout_setting(tmp_path, tokenizers):
+    "dropout reaches BERT/RoBERTa's hidden and attention dropout (default: the configs' 0.1), is saved with the model, and is refused where it has no meaning."
+    for family, dropout in [("bert", None), ("bert", 0.0), ("roberta", 0.25)]:
+        extra = {} if dropout is None else {"dropout": dropout}
+        model = small_model(f"{family}-4x256", tokenizers[family]) if dropout is None else create_model(
+            "resnet18", f"{family}-4x256", embed_dim=32, image_size=32, tokenizer=tokenizers[family], **SMALL, **extra)
+        config = model.text_encoder.transformer.config
+        want = 0.1 if dropout is None else dropout
+        assert (config.hidden_dropout_prob, config.attention_probs_dropout_prob) == (want, want)
+        modules = [m.p for m in model.text_encoder.modules() if isinstance(m, torch.nn.Dropout)]
+        assert modules and set(modules) == {want}
+    model.save(tmp_path / "m")
+    assert load_model(tmp_path / "m").text_encoder.transformer.config.hidden_dropout_prob == 0.25
+    with pytest.raises(ModelError, match="has no dropout"):
+        create_model("resnet18", "clip-2x128", embed_dim=32, image_size=32, dropout=0.1)
+    assert isinstance(create_model("resnet18", "clip-2x128", embed_dim=32, image_size=32, dropout=0.0).text_encoder, torch.nn.Module)
+    with pytest.raises(ModelError, match=r"dropout 1.0 is not in \[0, 1\)"):
+        create_text_encoder("bert-2x192", 32, 300, dropout=1.0)

@@ -172,6 +172,38 @@ def test_bad_configuration_is_named():
     with pytest.raises(ConfigError, match="lr"):
         TrainConfig.from_dict({"lr": "fast"})
     assert TrainConfig.from_dict({"lr": "1e-3", "max_steps": None}).lr == 1e-3
+    with pytest.raises(ConfigError, match="validation = 0.1 applies to data=emoji only"):
+        TrainConfig(data="/corpus/train.csv", validation=0.1)
+    with pytest.raises(ConfigError, match=r"validation = 1.0 is invalid: expected a fraction in \[0, 1\)"):
+        TrainConfig(validation=1.0)
+    with pytest.raises(ConfigError, match="text_dropout"):
+        TrainConfig(text_dropout=-0.1)
     with pytest.raises(ValueError, match="divisible"):
         from rankclip.train import GlobalBatchSampler
         GlobalBatchSampler(100, 10, world_size=3)
+
+
+def test_validation_split_is_carved_from_the_training_vendors(prepared_root):
+    "validation holds a fraction of the emoji out of training, all their drawings; validation_drawings are those emoji by the training vendors, without skin tone, the same for every seed."
+    import numpy as np
+    from rankclip.config import load_training_pairs, validation_drawings, validation_emoji
+    from rankclip.data import load_prepared
+    src = load_prepared("emoji", prepared_root)
+    cfg = TrainConfig(data_root=str(prepared_root), validation=0.1)
+    held = validation_emoji(src, cfg.train_vendors, 0.1)
+    drawn = np.unique(np.asarray(src.labels["emoji"])[np.asarray(src.labels["vendor"]) != src.label_names["vendor"].index("facebook")])
+    assert abs(len(held) - 0.1 * len(drawn)) <= 1 and set(held) <= set(drawn)
+    assert np.array_equal(held, validation_emoji(src, cfg.train_vendors, 0.1))  # fixed, whatever the run's seed
+    full, carved = load_training_pairs(TrainConfig(data_root=str(prepared_root))), load_training_pairs(cfg)
+    emoji_of = dict(zip(src.captions, src.labels["emoji"]))
+    assert not {emoji_of[c] for c in carved[1]} & set(held)  # no drawing of a validation emoji is trained on
+    assert len(carved[1]) == sum(emoji_of[c] not in set(held) for c in full[1])  # and nothing else is dropped
+    images, labels, names = validation_drawings(cfg)
+    vendor, tone = np.asarray(src.labels["vendor"]), np.asarray(src.labels["skin_tone"])
+    rows = np.flatnonzero(np.isin(src.labels["emoji"], held) & (tone == src.label_names["skin_tone"].index("none"))
+                          & (vendor != src.label_names["vendor"].index("facebook")))
+    assert len(images) == len(labels) == len(rows) and np.array_equal(images, np.asarray(src.images[rows]))
+    assert len(names) == len(held) and sorted(set(labels)) == list(range(len(held)))
+    assert all(n and ";" not in n for n in names)
+    with pytest.raises(ConfigError, match="no emoji were held out"):
+        validation_drawings(TrainConfig(data_root=str(prepared_root)))
