@@ -1,6 +1,6 @@
 """Build the docs site from the notebooks, for reading offline.
 
-    .venv/bin/python docs/build.py [--out _site] [--cache _proc] [--jobs 2] [--force]
+    .venv/bin/python docs/build.py [--out _site] [--cache _proc] [--jobs 1] [--force]
 
 Pages: nbs/index.ipynb first, then the pages in docs/pages/ (jupytext percent scripts), then every
 notebook of nbs/ in file-name order, then the study report (nbs/experiments/report.ipynb) when an
@@ -366,16 +366,11 @@ def build(out: Path = ROOT / "_site", cache: Path = ROOT / "_proc", jobs: int = 
     katex = fetch_katex(cache)
     lib = library_hash()
     executed, timings = [], {}
-    # notebooks execute in `jobs` processes, each with its own kernel (most of a notebook's time is its kernel's start
-    # and imports, single-threaded); the order of the pages is kept
-    from concurrent.futures import ProcessPoolExecutor
-    with ProcessPoolExecutor(max(1, jobs)) as pool:
-        runs = [pool.submit(execute, page, cache, lib, force) for page in pages]
-        for page, run in zip(pages, runs):
-            path, secs = run.result()
-            executed.append(path)
-            timings[page.out] = secs
-            print(f"docs: {page.src.relative_to(ROOT)}: " + ("cached" if secs is None else f"executed in {secs:.1f} s"), flush=True)
+    for page in pages:
+        path, secs = execute(page, cache, lib, force)
+        executed.append(path)
+        timings[page.out] = secs
+        print(f"docs: {page.src.relative_to(ROOT)}: " + ("cached" if secs is None else f"executed in {secs:.1f} s"), flush=True)
     t_exec = time.perf_counter()
     processed = process(executed, cache, jobs, force)
     t_proc = time.perf_counter()
@@ -404,7 +399,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT / "_site"), help="site folder (default: _site)")
     ap.add_argument("--cache", default=str(ROOT / "_proc"), help="executed and processed notebooks (default: _proc)")
-    ap.add_argument("--jobs", type=int, default=1, help="processes executing notebooks and running the nbdev step (default: 1)")
+    ap.add_argument("--jobs", type=int, default=1, help="processes for the nbdev step (default: 1)")
     ap.add_argument("--force", action="store_true", help="execute and process every notebook again")
     a = ap.parse_args(argv)
     res = build(Path(a.out).resolve(), Path(a.cache).resolve(), a.jobs, a.force)

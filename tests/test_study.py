@@ -149,7 +149,7 @@ def test_smoke_pipeline_reproduces_and_reruns_only_the_changed_cell(tmp_path):
         assert sweep["profile"] == "smoke" and [p["lr"] for p in sweep["points"]] == params["sweep"]["profiles"]["smoke"]["grid"]["lr"]
         assert sweep["chosen"] in [{"lr": p["lr"]} for p in sweep["points"]] and sweep["points"][0]["validation_top1"]["n"] > 100
     assert "bert-base" in (repo / "results" / "report" / "tables" / "sweep.csv").read_text()
-    assert "answers" in (repo / "results" / "report" / "tables" / "ablation_b.csv").read_text().splitlines()[0]
+    assert "answers" in (repo / "results" / "report" / "tables" / "encoder_learning.csv").read_text().splitlines()[0]
     bert = json.loads((repo / "results" / "runs" / "bert_clip" / "seeds" / "seed0" / "run.json").read_text())
     assert bert["config"]["text_encoder"] == params["profiles"]["smoke"]["encoders"]["bert-base"]
     assert bert["config"]["tokenizer"] == "runs/tokenizers/bert"
