@@ -22,9 +22,9 @@ from .study import StudyError, active_profile, study_cell
 # %% auto #0
 __all__ = ['TOKENIZER_DIR', 'CELL_KEYS', 'LIBRARIES', 'DIGEST_CELLS', 'PROGRESS', 'training_keys', 'text_family', 'resolve_run',
            'train_tokenizers', 'data_fingerprint', 'run_identity', 'run_id', 'run_state', 'finished', 'open_run',
-           'superseded_runs', 'prune_runs', 'weights_digest', 'machine_key', 'short_run_digests', 'committed_seconds',
-           'step_seconds', 'run_status', 'study_plan', 'estimate_seconds', 'duration', 'progress_line', 'to_terminal',
-           'plan_reproduction']
+           'train_or_reuse', 'superseded_runs', 'prune_runs', 'weights_digest', 'machine_key', 'short_run_digests',
+           'committed_seconds', 'step_seconds', 'run_status', 'study_plan', 'estimate_seconds', 'duration',
+           'progress_line', 'to_terminal', 'plan_reproduction']
 
 # %% ../nbs/20_runs.ipynb #74ef7466
 def training_keys(params: dict) -> list[str]:
@@ -137,6 +137,16 @@ def open_run(cfg: TrainConfig) -> str:
     out.mkdir(parents=True)
     write_json(out / "identity.json", {"id": rid, "identity": identity})
     return "new"
+
+def train_or_reuse(cfg: TrainConfig) -> tuple[str, dict, float]:
+    "Open `cfg`'s run (`open_run`) and train it unless it finished: its state before, its summary, and its training seconds (kept in timing.json)."
+    import time
+    from rankclip.train import fit
+    state, t0 = open_run(cfg), time.perf_counter()
+    summary = finished(cfg.out_dir) if state == "finished" else fit(cfg)
+    timing = Path(cfg.out_dir) / "timing.json"
+    if state != "finished": write_json(timing, {"train_seconds": round(time.perf_counter() - t0, 1)})
+    return state, summary, json.loads(timing.read_text())["train_seconds"]
 
 def superseded_runs(root="runs") -> list[Path]:
     "The run folders moved aside under `root` (runs/<cell>/seed<k>.<id>/)."

@@ -5,17 +5,15 @@
 # %% ../nbs/21_sweep.ipynb #03f5d85e
 from __future__ import annotations
 
-import json, time
 from pathlib import Path
 
 from .config import TrainConfig
 from .files import write_json
-from .runs import duration, finished, open_run, resolve_run, run_state, to_terminal
+from .runs import duration, resolve_run, run_state, to_terminal, train_or_reuse
 from .study import StudyError, active_profile
 
 # %% auto #0
-__all__ = ['SWEEP_DIR', 'sweep_settings', 'sweep_points', 'point_name', 'sweep_configs', 'validation_top1', 'run_sweep',
-           'sweep_applied']
+__all__ = ['SWEEP_DIR', 'sweep_settings', 'sweep_points', 'point_name', 'sweep_configs', 'validation_top1', 'run_sweep']
 
 # %% ../nbs/21_sweep.ipynb #1fea5ca3
 SWEEP_DIR = "results/sweep"
@@ -73,14 +71,10 @@ def validation_top1(model, cfg: TrainConfig, n_boot: int = 200) -> dict:
 def run_sweep(params: dict, encoder: str, profile: str | None = None, runs_root="runs", out=SWEEP_DIR) -> dict:
     "Train and score every grid point of `encoder` (finished points reused); write and return `out/<encoder>.json` with the chosen point."
     from rankclip.models import load_model
-    from rankclip.train import fit
     sw, rows = sweep_settings(params, profile), []
     configs = sweep_configs(params, encoder, profile, runs_root)
     for k, (point, cfg) in enumerate(configs, 1):
-        state, t0 = open_run(cfg), time.perf_counter()
-        summary = finished(cfg.out_dir) if state == "finished" else fit(cfg)
-        if state != "finished": write_json(Path(cfg.out_dir) / "timing.json", {"train_seconds": round(time.perf_counter() - t0, 1)})
-        seconds = json.loads((Path(cfg.out_dir) / "timing.json").read_text())["train_seconds"]
+        state, summary, seconds = train_or_reuse(cfg)
         score = validation_top1(load_model(Path(cfg.out_dir) / "model"), cfg)
         rows.append({**point, "validation_top1": score, "final_loss": summary.get("final_total"), "steps": summary.get("steps"),
                      "train_seconds": seconds, "run_id": run_state(cfg.out_dir)["id"]})
@@ -95,15 +89,3 @@ def run_sweep(params: dict, encoder: str, profile: str | None = None, runs_root=
     write_json(Path(out) / f"{encoder}.json", result)
     return result
 
-def sweep_applied(params: dict, results: dict[str, dict], profile: str | None = None) -> list[dict]:
-    "For each study cell that uses a swept encoder: whether its resolved settings are the ones the sweep chose [{'cell', 'encoder', 'setting', 'chosen', 'cell_value', 'applied'}]."
-    name, prof = active_profile(params, profile)
-    encoders, rows = prof.get("encoders") or {}, []
-    for cell, spec in (params.get("study") or {}).get("cells", {}).items():
-        for encoder, res in results.items():
-            if encoder not in (spec.get("text_encoder"), spec.get("image_encoder")): continue
-            cfg = resolve_run(params, cell, 0, name)
-            for k, v in res["chosen"].items():
-                rows.append({"cell": cell, "encoder": encoder, "setting": k, "chosen": v, "cell_value": getattr(cfg, k),
-                             "applied": getattr(cfg, k) == v})
-    return rows
