@@ -31,12 +31,15 @@ repro: data
 	$(BIN)/dvc repro
 
 # nbdev-test alone (every library notebook); `make test` does not run it: tests/test_docs.py executes each
-# notebook once, through the registered kernel, and fails with the notebook's error.
+# notebook once, in an execnb shell of the docs build's process (as nbdev-test does), and fails with the notebook's error.
 test-nb: data
 	$(BIN)/nbdev-test
 
+# Two pytest-xdist workers on the two cores: much of the suite is single-threaded (kernels, imports, DVC, Papermill).
+# OMP_WAIT_POLICY=PASSIVE: PyTorch's idle OpenMP threads sleep instead of spinning, so the two workers' threads share
+# the cores (measured: two 2-thread trainings at once 5.3-5.9 s each passive, 8.8 s spinning, 3.4 s alone).
 test-py: data
-	$(BIN)/python -m pytest -q
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test: test-py
 

@@ -4,8 +4,8 @@
 
 Pages: nbs/index.ipynb first, then the pages in docs/pages/ (jupytext percent scripts), then every
 notebook of nbs/ in file-name order, then the study report (nbs/experiments/report.ipynb) when an
-executed copy with outputs exists. Each notebook is executed with nbclient through the registered
-`python3` kernel, from its own folder (cached in <cache>/executed/ by the hash of its cells and of
+executed copy with outputs exists. Each notebook is executed from its own folder in a fresh execnb shell of
+the build's process, as nbdev-test runs them (cached in <cache>/executed/ by the hash of its cells and of
 the rankclip package), processed with nbdev's docs processors (show_doc API cards, links; cached in
 <cache>/processed/) and rendered by nbconvert with the template in docs/templates/site/. KaTeX
 comes from npm (pinned, sha256-checked) and is served from the site itself: no page loads anything
@@ -94,7 +94,7 @@ def library_hash(root: Path = ROOT) -> str:
 
 def exec_key(nb, lib: str) -> str:
     cells = [(c.cell_type, c.source) for c in nb.cells]
-    return sha256(json.dumps(cells), lib, KERNEL)
+    return sha256(json.dumps(cells), lib, KERNEL, "execnb")
 
 
 def cached(path: Path, key: str):
@@ -113,10 +113,27 @@ def write_nb(nb, path: Path, key: str):
     os.replace(tmp, path)
 
 
+def run_in_process(nb, cwd: Path):
+    """Execute `nb` from the folder `cwd` in a fresh execnb shell of this process, as `nbdev-test` does: each notebook gets
+    its own namespace, and the modules it imports (torch, transformers, rankclip) load once per build instead of once per
+    notebook in a new kernel. Raises SystemExit with the notebook's traceback on the first error."""
+    from execnb.shell import CaptureShell
+    from fastcore.nbio import dict2nb, nb2dict
+    before, run = os.getcwd(), dict2nb(nb)
+    os.chdir(cwd)
+    shell = CaptureShell(path=cwd)
+    try:
+        shell.run_all(run, exc_stop=True)
+    except BaseException:
+        raise SystemExit(shell.prettytb()[-3000:]) from None
+    finally:
+        shell.close()
+        os.chdir(before)
+    return nbformat.from_dict(nb2dict(run))
+
+
 def execute(page: Page, cache: Path, lib: str, force: bool = False) -> tuple[Path, float | None]:
     "Execute the page's notebook from its folder (or reuse the cached run); the executed copy and seconds taken."
-    from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError
     nb, dst = read_page(page), cache / "executed" / f"{page.key}.ipynb"
     if not page.execute:
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -127,10 +144,10 @@ def execute(page: Page, cache: Path, lib: str, force: bool = False) -> tuple[Pat
     cwd = page.src.parent if page.src.suffix == ".ipynb" else ROOT / "nbs"
     t0 = time.perf_counter()
     try:
-        NotebookClient(nb, kernel_name=KERNEL, timeout=1800, resources={"metadata": {"path": str(cwd)}}).execute()
-    except CellExecutionError as e:
+        nb = run_in_process(nb, cwd)
+    except SystemExit as e:
         raise SystemExit(f"docs: {page.src.relative_to(ROOT)} failed while executing (the same error shows in "
-                         f"`nbdev-test {page.src.relative_to(ROOT)}`):\n{str(e)[-3000:]}") from None
+                         f"`nbdev-test --path {page.src.relative_to(ROOT)}`):\n{e}") from None
     write_nb(nb, dst, key)
     return dst, time.perf_counter() - t0
 

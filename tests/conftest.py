@@ -23,3 +23,15 @@ def corpus_root(tmp_path_factory):
 def tar_index_cache(tmp_path_factory, monkeypatch):
     "Tar indexes go to a folder of the test session, not the user's cache."
     monkeypatch.setenv("RANKCLIP_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+# The test command runs two xdist workers, a test file per work unit (`make test`: -n 2 --dist loadfile
+# --no-loadscope-reorder; pytest 9 ignores xdist_group marks, so files are the units: the docs tests share one build).
+# The two longest files start first, one on each worker: the docs (every library notebook executed) and the study
+# (the smoke pipeline). The other files fill in behind them, in name order.
+FIRST = ("tests/test_docs.py::", "tests/test_study.py::")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = lambda item: next((i for i, p in enumerate(FIRST) if item.nodeid.startswith(p)), len(FIRST))
+    items.sort(key=rank)  # stable: collection order within each rank

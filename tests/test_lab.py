@@ -2,9 +2,9 @@
 the project's kernel is registered and runs this checkout's package, and library modules import
 through that kernel.
 
-Executing every library notebook, through the same registered kernel, is the docs build's job
-(tests/test_docs.py: each notebook runs once per test session). Here every library notebook gets the
-trivial check: its module imports in the kernel and defines
+Executing every library notebook is the docs build's job (tests/test_docs.py: each notebook runs once
+per test session, in an execnb shell as nbdev-test runs it). Here every library notebook gets the
+check that the kernel matters for: its module imports in the kernel and defines
 every name of its `__all__`.
 """
 import json
