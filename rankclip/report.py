@@ -381,7 +381,19 @@ def seeds_needed(sd: float, target: float, power: float = 0.8, alpha: float = 0.
     "Seeds per cell for a seed-paired t test to detect a difference `target` with `power` at level `alpha`, when one paired difference has standard deviation `sd` (statsmodels' TTestPower)."
     from statsmodels.stats.power import TTestPower
     if not (np.isfinite(sd) and sd > 0 and np.isfinite(target)): return float("nan")
-    return float(math.ceil(TTestPower().solve_power(effect_size=target / sd, power=power, alpha=alpha, alternative="two-sided")))
+    reach = lambda n: TTestPower().power(effect_size=target / sd, nobs=n, alpha=alpha, alternative="two-sided") >= power
+    # The smallest n >= 2 whose power reaches `power` (power grows with n), by doubling then bisection: statsmodels' solve_power
+    # fails to converge for effects far above the noise (the smoke profile's); where the power itself is NaN (SciPy's
+    # noncentral t at 1 degree of freedom and a large noncentrality) it counts as not reached, so the answer errs by a seed up.
+    hi = 2
+    while not reach(hi):
+        if hi > 2 ** 24: return float("nan")
+        hi *= 2
+    lo = hi // 2 + 1 if hi > 2 else 2
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if reach(mid) else (mid + 1, hi)
+    return float(hi)
 
 # %% ../nbs/22_report_stats.ipynb #7dd14641
 def ablation_metrics(params: dict) -> list[tuple[str, str, str]]:
@@ -531,12 +543,17 @@ def ablation_answer(ab: dict, name: str, alpha: float = 0.05) -> str:
     groups = list(ab["effects"].groupby("metric", sort=False))
     (metric, e), rest = groups[0], groups[1:]
     hit, miss = e[e["p"] < alpha], e[~(e["p"] < alpha)]
-    inter = ab["tests"][(ab["tests"]["metric"] == metric) & ab["tests"]["test"].str.contains(":")].iloc[0]
+    tests = ab["tests"][(ab["tests"]["metric"] == metric) & ab["tests"]["test"].str.contains(":")]
+    if len(tests):
+        t = tests.iloc[0]
+        inter = (f"; {t['test']}: F({t['df_num']}, {t['df_den']}) = {t['F']:.2f}, p = {t['p']:.3f} "
+                 f"(permutation p = {t['p_permutation']:.3f}).")
+    else:  # e.g. one seed per grid cell (the smoke profile): the interaction model leaves no residual degree of freedom
+        inter = "; the interaction is not testable: the grid's cells have too few seeds."
     first = (f"On {metric} ({e['unit'].iloc[0]}), " + (f"{_effects_text(hit)} differ from zero" if len(hit) else "no effect differs from zero")
              + (f"; the other {len(miss)} are not separated (half-widths {((miss['high'] - miss['low']) / 2).min():.{_digits(e['unit'].iloc[0])}f}"
                 f" to {((miss['high'] - miss['low']) / 2).max():.{_digits(e['unit'].iloc[0])}f})" if len(hit) and len(miss) else "")
-             + f"; {inter['test']}: F({inter['df_num']}, {inter['df_den']}) = {inter['F']:.2f}, p = {inter['p']:.3f} "
-             f"(permutation p = {inter['p_permutation']:.3f}).")
+             + inter)
     found = [f"{m}: {_effects_text(g[g['p'] < alpha], p=False)}" for m, g in rest if (g["p"] < alpha).any()]
     none = [m for m, g in rest if not (g["p"] < alpha).any()]
     second = (("Separated elsewhere: " + "; ".join(found) + ". ") if found else "") + (f"Nothing separated on {', '.join(none)}." if none else "")
