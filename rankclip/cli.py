@@ -16,9 +16,13 @@ import json
 from dataclasses import asdict
 
 from .files import UserError, write_json, write_text
-from .runs import prune_runs, training_keys
 from .deps import stage_modules
 from .study import load_params
+
+def _training_keys(params: dict) -> list[str]:
+    "rankclip.runs.training_keys, imported when an override needs it: the steps that need no PyTorch (strip, deps) start without it."
+    from rankclip.runs import training_keys as keys
+    return keys(params)
 
 # %% ../nbs/23_cli.ipynb #0ce3fd38
 COMMANDS = {}
@@ -100,13 +104,14 @@ def study_main(argv: list[str] | None = None, params: dict | None = None) -> Non
     p.add_argument("--record", metavar="FILE", help="digest: store this machine's digests in FILE (JSON, one entry per machine_key)")
     p.add_argument("--yes", action="store_true", help="prune: remove the superseded runs it lists (without it, only list them)")
     a = p.parse_args(argv)
-    params = params if params is not None else load_params(a.params, known=training_keys)
-    from rankclip.runs import DIGEST_CELLS, TOKENIZER_DIR, machine_key, resolve_run, short_run_digests, train_tokenizers
-    from rankclip.study import cell_seeds, strip_notebook
-    if a.step == "strip":
+    if a.step == "strip":  # a DVC stage of its own, three times a reproduction: it needs no PyTorch
+        from rankclip.study import strip_notebook
         if len(a.args) != 2: raise SystemExit("rankclip study strip SRC DST: two paths needed")
-        strip_notebook(*a.args)
-    elif a.step == "tokenizers":
+        return strip_notebook(*a.args)
+    params = params if params is not None else load_params(a.params, known=_training_keys)
+    from rankclip.runs import DIGEST_CELLS, TOKENIZER_DIR, machine_key, resolve_run, short_run_digests, train_tokenizers
+    from rankclip.study import cell_seeds
+    if a.step == "tokenizers":
         for f, n in train_tokenizers(params).items(): print(f"{f}: {n} tokens -> {TOKENIZER_DIR}/{f}")
     elif a.step == "digest":
         import tempfile
@@ -120,8 +125,11 @@ def study_main(argv: list[str] | None = None, params: dict | None = None) -> Non
         from rankclip.runs import plan_reproduction
         r = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], capture_output=True, text=True)
         if r.returncode: raise UserError(f"dvc status failed: {r.stderr.strip()[-300:]}")
-        stale = sorted(s.split("@", 1)[1] for s in json.loads(r.stdout or "{}") if s.startswith("train@"))
-        print(plan_reproduction(params, stale))
+        from rankclip.sweep import sweep_plan
+        stale = json.loads(r.stdout or "{}")
+        cells = sorted(s.split("@", 1)[1] for s in stale if s.startswith("train@"))
+        sweeps, known = sweep_plan(params, sorted(s.split("@", 1)[1] for s in stale if s.startswith("sweep@")))
+        print(plan_reproduction(params, cells, more=sweeps, known=known))
     elif a.step == "deps":
         if not a.args: raise SystemExit("rankclip study deps STAGE: name a stage (train, evaluate, report, sweep, tokenizers, ...)")
         for stage in a.args: print("\n".join(stage_modules(stage.split("@")[0])))
@@ -132,6 +140,7 @@ def study_main(argv: list[str] | None = None, params: dict | None = None) -> Non
             print(f"{encoder}: chosen {r['chosen']} (validation top-1 "
                   + ", ".join(f"{100 * p['validation_top1']['value']:.1f}%" for p in r["points"]) + ")")
     elif a.step == "prune":
+        from rankclip.runs import prune_runs
         found = prune_runs(a.args[0] if a.args else "runs", dry_run=not a.yes)
         for path, size in found: print(f"{'removed' if a.yes else 'superseded'}: {path} ({size / 1e6:.1f} MB)")
         print(f"{len(found)} superseded run folder(s), {sum(s for _, s in found) / 1e6:.1f} MB" + ("" if a.yes or not found else "; remove them with --yes"))
@@ -222,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     "Run the `rankclip` command line; a `UserError` prints as one line and returns 1."
     args = build_parser().parse_args(argv)
-    try: args.run(args, load_params(args.params, args.set, known=training_keys))
+    try: args.run(args, load_params(args.params, args.set, known=_training_keys))
     except UserError as e:
         print(f"rankclip {args.command}: {e}", file=sys.stderr)
         return 1

@@ -232,13 +232,14 @@ def study_plan(params: dict, stale_cells, runs_root="runs") -> list[dict]:
             for c in stale_cells for s in cell_seeds(params, c)]
     return [p for p in plan if p["state"] != "finished"]
 
-def estimate_seconds(plan: list[dict], ratio: float, reference: str, results_root="results/runs") -> dict:
-    "{'cell/seed': seconds} for each planned run: its cell's committed training time (the reference cell's when it has none) x `ratio`."
+def estimate_seconds(plan: list[dict], ratio: float, reference: str, results_root="results/runs", known: dict | None = None) -> dict:
+    """{'cell/seed': seconds} for each planned run: its cell's committed training time ({seed: (seconds, steps)} from `known`
+    for the runs it names, such as a sweep's points; else the cell's run.json files; else the reference cell's) x `ratio`."""
     ref = committed_seconds(reference, results_root)
     out = {}
     for p in plan:
-        known = committed_seconds(p["cell"], results_root) or ref
-        out[f"{p['cell']}/{p['seed']}"] = ratio * float(np.mean([s for s, _ in known.values()])) if known else float("nan")
+        known_here = (known or {}).get(p["cell"]) or committed_seconds(p["cell"], results_root) or ref
+        out[f"{p['cell']}/{p['seed']}"] = ratio * float(np.mean([s for s, _ in known_here.values()])) if known_here else float("nan")
     return out
 
 def duration(seconds: float) -> str:
@@ -267,10 +268,12 @@ def to_terminal(line: str) -> None:
         with open(f"/proc/{os.getppid()}/fd/2", "a") as f: print(line, file=f, flush=True)
     except OSError: print(line, file=sys.__stderr__, flush=True)
 
-def plan_reproduction(params: dict, stale_cells, runs_root="runs", results_root="results/runs", path=PROGRESS) -> str:
-    "Write the plan of the runs `stale_cells` will train, with their estimates on this machine, to `path`; the summary to print."
+def plan_reproduction(params: dict, stale_cells, runs_root="runs", results_root="results/runs", path=PROGRESS, more=(),
+                      known: dict | None = None) -> str:
+    """Write the plan of the runs `stale_cells` will train and of `more` planned runs (a stale sweep's points, with their
+    committed times in `known`: `rankclip.sweep.sweep_plan`), with their estimates on this machine, to `path`; the summary to print."""
     from rankclip.study import active_profile
-    plan = study_plan(params, stale_cells, runs_root)
+    plan = study_plan(params, stale_cells, runs_root) + [p for p in more if p["state"] != "finished"]
     if not plan:
         write_json(path, {"estimates": {}}); return "rankclip: no run to train (every stale cell's runs are finished and reused)"
     reference, profile = params["study"]["reference"], active_profile(params)[0]
@@ -281,7 +284,7 @@ def plan_reproduction(params: dict, stale_cells, runs_root="runs", results_root=
     else:
         here = step_seconds(resolve_run(params, reference, 0, runs_root=runs_root))
         there = float(np.mean([s / n for s, n in ref.values()]))
-        estimates = estimate_seconds(plan, here / there, reference, results_root)
+        estimates = estimate_seconds(plan, here / there, reference, results_root, known)
         how = (f"a {reference} step takes {1000 * here:.0f} ms here, the committed runs took {1000 * there:.0f} ms a step "
                f"(training time over steps): each run's committed time x {here / there:.2f}")
     write_json(path, {"estimates": estimates, "done": {}})

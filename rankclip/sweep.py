@@ -9,11 +9,12 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .files import write_json
-from .runs import duration, resolve_run, run_state, to_terminal, train_or_reuse
+from .runs import progress_line, resolve_run, run_state, to_terminal, train_or_reuse
 from .study import StudyError, active_profile
 
 # %% auto #0
-__all__ = ['SWEEP_DIR', 'sweep_settings', 'sweep_points', 'point_name', 'sweep_configs', 'validation_top1', 'run_sweep']
+__all__ = ['SWEEP_DIR', 'sweep_settings', 'sweep_points', 'point_name', 'sweep_configs', 'validation_top1', 'run_sweep',
+           'committed_sweep_seconds', 'sweep_plan']
 
 # %% ../nbs/21_sweep.ipynb #1fea5ca3
 SWEEP_DIR = "results/sweep"
@@ -78,8 +79,10 @@ def run_sweep(params: dict, encoder: str, profile: str | None = None, runs_root=
         score = validation_top1(load_model(Path(cfg.out_dir) / "model"), cfg)
         rows.append({**point, "validation_top1": score, "final_loss": summary.get("final_total"), "steps": summary.get("steps"),
                      "train_seconds": seconds, "run_id": run_state(cfg.out_dir)["id"]})
+        if state != "finished":  # trained: the reproduction's counter (rankclip study estimate plans the sweep's points too)
+            to_terminal(progress_line(f"sweep/{encoder}/{point_name(point)}", cfg.seed, seconds))
         to_terminal(f"rankclip: sweep {encoder} point {k} of {len(configs)} ({point_name(point)}): validation top-1 "
-                    f"{100 * score['value']:.1f}%, {state if state == 'finished' else f'trained in {duration(seconds)}'}")
+                    f"{100 * score['value']:.1f}%" + (", reused (finished before)" if state == "finished" else ""))
     best = max(range(len(rows)), key=lambda i: (rows[i]["validation_top1"]["value"], -i))
     cfg = configs[0][1]
     result = {"encoder": encoder, "trained_as": cfg.text_encoder if _is_text(encoder) else cfg.image_encoder,
@@ -88,4 +91,22 @@ def run_sweep(params: dict, encoder: str, profile: str | None = None, runs_root=
               "points": rows, "chosen": {k: rows[best][k] for k in configs[best][0]}}
     write_json(Path(out) / f"{encoder}.json", result)
     return result
+
+def committed_sweep_seconds(encoder: str, out=SWEEP_DIR) -> dict[str, dict[int, tuple[float, int]]]:
+    "{'sweep/<encoder>/<point>': {seed: (training seconds, steps)}} of `encoder`'s committed sweep (`out/<encoder>.json`)."
+    path = Path(out) / f"{encoder}.json"
+    if not path.is_file(): return {}
+    import json
+    sweep = json.loads(path.read_text())
+    return {f"sweep/{encoder}/{point_name({k: p[k] for k in sweep['grid'] if k in p})}": {sweep["seed"]: (float(p["train_seconds"]), int(p["steps"]))}
+            for p in sweep["points"] if p.get("train_seconds") and p.get("steps")}
+
+def sweep_plan(params: dict, encoders, runs_root="runs", out=SWEEP_DIR) -> tuple[list[dict], dict]:
+    """The runs sweeping `encoders` will train, as `rankclip.runs.study_plan` lists a cell's ({'cell': 'sweep/<encoder>/<point>',
+    'seed', 'state'}, finished ones included), and their committed times (`committed_sweep_seconds`): what `rankclip study
+    estimate` adds to the reproduction's plan for each stale `sweep@<encoder>`."""
+    from rankclip.runs import run_status
+    plan = [{"cell": f"sweep/{e}/{point_name(point)}", "seed": cfg.seed, "state": run_status(cfg)}
+            for e in encoders for point, cfg in sweep_configs(params, e, runs_root=runs_root)]
+    return plan, {k: v for e in encoders for k, v in committed_sweep_seconds(e, out).items()}
 
