@@ -124,7 +124,7 @@ def run_in_process(nb, cwd: Path):
     shell = CaptureShell(path=cwd)
     try:
         shell.run_all(run, exc_stop=True)
-    except BaseException:
+    except Exception:  # the notebook's error; an interrupt (Ctrl-C) stays an interrupt
         raise SystemExit(shell.prettytb()[-3000:]) from None
     finally:
         shell.close()
