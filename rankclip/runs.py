@@ -20,11 +20,11 @@ from .files import sha256, sha256_file, write_json
 from .study import StudyError, active_profile, study_cell
 
 # %% auto #0
-__all__ = ['TOKENIZER_DIR', 'CELL_KEYS', 'LIBRARIES', 'DIGEST_CELLS', 'PROGRESS', 'training_keys', 'text_family', 'resolve_run',
-           'train_tokenizers', 'data_fingerprint', 'run_identity', 'run_id', 'run_state', 'finished', 'open_run',
-           'train_or_reuse', 'superseded_runs', 'prune_runs', 'weights_digest', 'machine_key', 'short_run_digests',
-           'committed_seconds', 'step_seconds', 'run_status', 'study_plan', 'estimate_seconds', 'duration',
-           'progress_line', 'to_terminal', 'plan_reproduction']
+__all__ = ['TOKENIZER_DIR', 'CELL_KEYS', 'LIBRARIES', 'DIGEST_CELLS', 'DIGEST_LIMIT', 'PROGRESS', 'training_keys', 'text_family',
+           'resolve_run', 'train_tokenizers', 'data_fingerprint', 'run_identity', 'run_id', 'run_state', 'finished',
+           'open_run', 'train_or_reuse', 'superseded_runs', 'prune_runs', 'weights_digest', 'machine_key',
+           'short_run_digests', 'committed_seconds', 'step_seconds', 'run_status', 'study_plan', 'estimate_seconds',
+           'duration', 'progress_line', 'to_terminal', 'plan_reproduction']
 
 # %% ../nbs/20_runs.ipynb #74ef7466
 def training_keys(params: dict) -> list[str]:
@@ -160,8 +160,10 @@ def prune_runs(root="runs", dry_run: bool = True) -> list[tuple[Path, int]]:
     return found
 
 # %% ../nbs/20_runs.ipynb #70009df1
-# {cell: steps}: the official ramp weighs the rank terms 0 in epoch 1 (88 steps at the cpu settings), so its run reaches epoch 2
-DIGEST_CELLS = {"clip": 24, "rankclip": 24, "rankclip_official": 100, "cyclip": 24}
+# {cell: steps} on a seeded subset of DIGEST_LIMIT pairs (8 steps an epoch at the cpu batch of 128): the official ramp
+# weighs the rank terms 0 in epoch 1, and 24 steps reach epoch 3
+DIGEST_CELLS = {"clip": 24, "rankclip": 24, "rankclip_official": 24, "cyclip": 24}
+DIGEST_LIMIT = 1024
 
 def weights_digest(model_dir) -> str:
     "SHA-256 of a saved model's tensors (names, dtypes, shapes and bytes): equal digests mean bit-identical weights."
@@ -177,12 +179,12 @@ def machine_key() -> str:
     return f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}"
 
 def short_run_digests(params: dict, root, cells: dict = DIGEST_CELLS, profile: str = "cpu") -> dict:
-    "{cell: weights digest} of a short run ({cell: steps}) of each cell at seed 0 of `profile` (a refactor that changes no result keeps them)."
+    "{cell: weights digest} of a short run ({cell: steps}, DIGEST_LIMIT pairs) of each cell at seed 0 of `profile` (a refactor that changes no result keeps them)."
     from dataclasses import replace
     from rankclip.train import fit
     digests = {}
     for cell, steps in cells.items():
-        cfg = replace(resolve_run(params, cell, 0, profile, runs_root=root), max_steps=steps, progress=False)
+        cfg = replace(resolve_run(params, cell, 0, profile, runs_root=root), max_steps=steps, limit=DIGEST_LIMIT, progress=False)
         fit(cfg)
         digests[cell] = weights_digest(Path(cfg.out_dir) / "model")
     return digests
