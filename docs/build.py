@@ -147,7 +147,7 @@ def execute(page: Page, cache: Path, lib: str, force: bool = False) -> tuple[Pat
         nb = run_in_process(nb, cwd)
     except SystemExit as e:
         raise SystemExit(f"docs: {page.src.relative_to(ROOT)} failed while executing (the same error shows in "
-                         f"`nbdev-test --path {page.src.relative_to(ROOT)}`):\n{e}") from None
+                         f"`nbdev-test {page.src.relative_to(ROOT)}`):\n{e}") from None
     write_nb(nb, dst, key)
     return dst, time.perf_counter() - t0
 
