@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml requirements.lock scripts/setup-system.sh
 	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -c requirements.lock -e '.[dev]' \
 	  || $(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (rankclip)" >/dev/null
+	$(BIN)/python -c "from rankclip.warm import install_kernel; install_kernel()"
 	touch $@
 
 setup: $(STAMP)

@@ -147,6 +147,8 @@ def test_smoke_pipeline_reproduces_and_reruns_only_the_changed_cell(tmp_path):
         for kind in ("train", "evaluate"):
             nb = nbformat.read(repo / "results" / "runs" / c / f"{kind}.ipynb", as_version=4)
             assert any("injected-parameters" in cell.metadata.get("tags", []) for cell in nb.cells)
+        train_nb = nbformat.read(repo / "results" / "runs" / c / "train.ipynb", as_version=4)  # its loss curve, shown by the (warm) kernel
+        assert any("image/png" in o.get("data", {}) for cell in train_nb.cells for o in cell.get("outputs", []))
     for encoder in params["sweep"]["encoders"]:  # the encoders' sweep ran at the smoke profile's grid, and the report shows it
         sweep = json.loads((repo / "results" / "sweep" / f"{encoder}.json").read_text())
         assert sweep["profile"] == "smoke" and [p["lr"] for p in sweep["points"]] == params["sweep"]["profiles"]["smoke"]["grid"]["lr"]
