@@ -41,11 +41,13 @@ repro: data
 test-nb: data
 	$(BIN)/nbdev-test
 
-# Two pytest-xdist workers on the two cores: much of the suite is single-threaded (kernels, imports, DVC, Papermill).
-# OMP_WAIT_POLICY=PASSIVE: PyTorch's idle OpenMP threads sleep instead of spinning, so the two workers' threads share
+# Three pytest-xdist workers on the two cores: much of the suite waits (kernels, DVC, Papermill, subprocesses, the
+# browser), and a third worker fills those waits (measured on fresh clones of 24f33da: pytest 697 s with three workers,
+# 744 s with two).
+# OMP_WAIT_POLICY=PASSIVE: PyTorch's idle OpenMP threads sleep instead of spinning, so the workers' threads share
 # the cores (measured: two 2-thread trainings at once 5.3-5.9 s each passive, 8.8 s spinning, 3.4 s alone).
 test-py: data
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder
 
 test: test-py
 
