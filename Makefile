@@ -41,13 +41,13 @@ repro: data
 test-nb: data
 	$(BIN)/nbdev-test
 
-# Three pytest-xdist workers on the two cores: much of the suite waits (kernels, DVC, Papermill, subprocesses, the
-# browser), and a third worker fills those waits (measured on fresh clones of 24f33da: pytest 697 s with three workers,
-# 744 s with two).
+# Two pytest-xdist workers on the two cores: much of the suite is single-threaded (kernels, imports, DVC, Papermill).
+# A third worker was no faster (pytest 697, 789 and 803 s with three against 744 and 757 s with two, fresh clones of
+# 24f33da-b370029 on the same machine).
 # OMP_WAIT_POLICY=PASSIVE: PyTorch's idle OpenMP threads sleep instead of spinning, so the workers' threads share
 # the cores (measured: two 2-thread trainings at once 5.3-5.9 s each passive, 8.8 s spinning, 3.4 s alone).
 test-py: data
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test: test-py
 
