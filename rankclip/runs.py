@@ -22,9 +22,9 @@ from .study import StudyError, active_profile, study_cell
 # %% auto #0
 __all__ = ['TOKENIZER_DIR', 'CELL_KEYS', 'LIBRARIES', 'DIGEST_CELLS', 'DIGEST_LIMIT', 'PROGRESS', 'training_keys', 'text_family',
            'resolve_run', 'train_tokenizers', 'data_fingerprint', 'run_identity', 'run_id', 'run_state', 'finished',
-           'open_run', 'train_or_reuse', 'superseded_runs', 'prune_runs', 'weights_digest', 'machine_key',
-           'short_run_digests', 'committed_seconds', 'step_seconds', 'run_status', 'study_plan', 'estimate_seconds',
-           'duration', 'progress_line', 'to_terminal', 'plan_reproduction']
+           'open_run', 'train_or_reuse', 'superseded_runs', 'prune_runs', 'weights_digest', 'machine_keys',
+           'machine_key', 'stored_digests', 'short_run_digests', 'committed_seconds', 'step_seconds', 'run_status',
+           'study_plan', 'estimate_seconds', 'duration', 'progress_line', 'to_terminal', 'plan_reproduction']
 
 # %% ../nbs/20_runs.ipynb #74ef7466
 def training_keys(params: dict) -> list[str]:
@@ -173,10 +173,28 @@ def weights_digest(model_dir) -> str:
     return sha256(part for k in sorted(tensors) for t in [tensors[k].contiguous()]
                   for part in (f"{k} {t.dtype} {tuple(t.shape)}", t.reshape(-1).view(torch.uint8).numpy().tobytes()))
 
-def machine_key() -> str:
-    "What bit-identity of a CPU run depends on besides its code and configuration (threads are a training field): PyTorch's version and vector instructions."
+def machine_keys() -> list[str]:
+    """What bit-identity of a CPU run depends on besides its code and configuration (threads are a training field): PyTorch's
+    version, its vector instructions and the CPU, most precise first. The CPU is its model name and, where /proc/cpuinfo
+    gives them, vendor, family and model numbers: kernels dispatch on more than the instruction set (an AMD EPYC of family 26
+    and an Intel Xeon, both AVX512, train to different weights). The second key, without the numbers, is how digests were
+    stored before they were part of it."""
     import torch
-    return f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}"
+    from rankclip.train import cpu_info
+    coarse = f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {cpu_info()['model']}"
+    try: info = dict(l.split(":", 1) for l in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines() if ":" in l)
+    except OSError: return [coarse]
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    if not {"vendor_id", "cpu family", "model"} <= info.keys(): return [coarse]
+    return [f"{coarse}, {info['vendor_id']} family {info['cpu family']} model {info['model']}", coarse]
+
+def machine_key() -> str:
+    "This machine's key for digests it records (`machine_keys`, the most precise)."
+    return machine_keys()[0]
+
+def stored_digests(stored: dict) -> tuple[str, dict] | None:
+    "The (key, digests) entry of `stored` ({machine key: digests}) that holds for this machine, or None."
+    return next(((k, stored[k]) for k in machine_keys() if k in stored), None)
 
 def short_run_digests(params: dict, root, cells: dict = DIGEST_CELLS, profile: str = "cpu") -> dict:
     "{cell: weights digest} of a short run ({cell: steps}, DIGEST_LIMIT pairs) of each cell at seed 0 of `profile` (a refactor that changes no result keeps them)."

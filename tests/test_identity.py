@@ -8,7 +8,8 @@ import pytest
 
 import rankclip.runs as runs
 from rankclip.deps import PACKAGE, code_fingerprint
-from rankclip.runs import DIGEST_CELLS, finished, machine_key, open_run, resolve_run, run_state, short_run_digests
+from rankclip.runs import (DIGEST_CELLS, finished, machine_key, open_run, resolve_run, run_state, short_run_digests,
+                           stored_digests)
 from rankclip.study import load_params
 from rankclip.train import fit
 
@@ -18,12 +19,13 @@ DIGESTS = ROOT / "tests" / "short_run_digests.json"
 
 def test_short_runs_are_bit_identical_to_the_stored_digests(tmp_path, prepared_root):
     stored = json.loads(DIGESTS.read_text())
-    if machine_key() not in stored:
+    entry = stored_digests(stored)
+    if entry is None:
         pytest.skip(f"no digests stored for this machine ({machine_key()}; stored: {sorted(stored)}): "
                     f"bit-identity holds only on alike CPUs; record them with `rankclip study digest --record {DIGESTS.relative_to(ROOT)}`")
     params = load_params(ROOT / "params.yaml")
     params["train"]["data_root"] = str(prepared_root)  # prepared from the fetched data/ here: a fresh clone has no prepared/
-    assert short_run_digests(params, tmp_path, DIGEST_CELLS) == stored[machine_key()]
+    assert short_run_digests(params, tmp_path, DIGEST_CELLS) == entry[1], f"digests stored for {entry[0]!r}"
 
 
 def _files(root: Path) -> dict:
