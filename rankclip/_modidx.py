@@ -148,6 +148,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'rankclip.deps._without_docstrings': ('deps.html#_without_docstrings', 'rankclip/deps.py'),
                                'rankclip.deps.code_fingerprint': ('deps.html#code_fingerprint', 'rankclip/deps.py'),
                                'rankclip.deps.executed_code': ('deps.html#executed_code', 'rankclip/deps.py'),
+                               'rankclip.deps.fingerprint_cache_dir': ('deps.html#fingerprint_cache_dir', 'rankclip/deps.py'),
                                'rankclip.deps.module_closure': ('deps.html#module_closure', 'rankclip/deps.py'),
                                'rankclip.deps.notebook_imports': ('deps.html#notebook_imports', 'rankclip/deps.py'),
                                'rankclip.deps.rankclip_imports': ('deps.html#rankclip_imports', 'rankclip/deps.py'),

@@ -6,14 +6,14 @@ and a fingerprint of the code a function can execute that changes with behaviour
 # %% ../nbs/19_deps.ipynb #2f6b5790
 from __future__ import annotations
 
-import ast, json
+import ast, json, os
 from pathlib import Path
 
-from .files import UserError, sha256
+from .files import UserError, sha256, write_json
 
 # %% auto #0
 __all__ = ['PACKAGE', 'EXPERIMENTS', 'STAGE_ROOTS', 'rankclip_imports', 'module_closure', 'notebook_imports', 'stage_modules',
-           'executed_code', 'code_fingerprint']
+           'executed_code', 'fingerprint_cache_dir', 'code_fingerprint']
 
 # %% ../nbs/19_deps.ipynb #3b14885d
 PACKAGE = Path(__file__).resolve().parent if "__file__" in globals() else Path("../rankclip").resolve()
@@ -90,6 +90,27 @@ def executed_code(entry: str = "train.fit", package: Path = PACKAGE) -> list[str
             todo += defs[n]; reached += defs.pop(n)
     return sorted({ast.dump(n) for n in reached})
 
+_FINGERPRINTS: dict[str, str] = {}
+
+def fingerprint_cache_dir() -> Path:
+    "Where code fingerprints are kept: $RANKCLIP_CACHE/fingerprints, else under $XDG_CACHE_HOME/rankclip or ~/.cache/rankclip."
+    root = os.environ.get("RANKCLIP_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rankclip"
+    return Path(root) / "fingerprints"
+
 def code_fingerprint(entry: str = "train.fit", package: Path = PACKAGE) -> str:
-    "SHA-256 of `executed_code(entry)`: it changes with what a run computes, not with docstrings, comments or report-only code."
-    return sha256("\n".join(executed_code(entry, package)))
+    """SHA-256 of `executed_code(entry)`: it changes with what a run computes, not with docstrings, comments or report-only code.
+    Working it out parses the modules (about 0.9 s); the result is kept, in this process and in `fingerprint_cache_dir()`,
+    under the digest of `entry` and the names and bytes of every module of `package`, so a stage or seed of the same code
+    reads it back instead."""
+    key = sha256([f"{entry}\0{package.name}\0"] + [f"{p.name}\0".encode() + p.read_bytes() + b"\0" for p in sorted(package.glob("*.py"))])
+    if key in _FINGERPRINTS: return _FINGERPRINTS[key]
+    f = fingerprint_cache_dir() / f"{key}.json"
+    try: found = json.loads(f.read_text())
+    except (OSError, ValueError): found = {}
+    if found.get("key") == key and isinstance(found.get("fingerprint"), str): value = found["fingerprint"]
+    else:
+        value = sha256("\n".join(executed_code(entry, package)))
+        try: write_json(f, {"key": key, "entry": entry, "fingerprint": value})
+        except OSError: pass  # a read-only cache: computed again next time
+    _FINGERPRINTS[key] = value
+    return value
