@@ -85,10 +85,13 @@ def _child(request: dict, fds: list[int], inherited: list) -> None:
 
 def serve(path: str | Path, idle: float = IDLE) -> None:
     "Import PRELOAD once, then fork a kernel for each request on the socket at `path` until `idle` seconds pass with none running."
-    import importlib, selectors
+    import gc, importlib, selectors
     for m in PRELOAD:
         try: importlib.import_module(m)
         except Exception as e: print(f"rankclip.warm: {m} not preloaded: {e}", file=sys.stderr)
+    # the preloaded libraries (some 800,000 objects) out of the cyclic collector's reach: a kernel's full collections walked
+    # them all (gc.freeze, as Python's documentation advises before fork; it also spares their pages the copy on write)
+    gc.collect(); gc.freeze()
     path = Path(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     tmp = path.with_name(f"{path.name}.{os.getpid()}")

@@ -35,3 +35,11 @@ FIRST = ("tests/test_docs.py::", "tests/test_study.py::")
 def pytest_collection_modifyitems(config, items):
     rank = lambda item: next((i for i, p in enumerate(FIRST) if item.nodeid.startswith(p)), len(FIRST))
     items.sort(key=rank)  # stable: collection order within each rank
+
+
+def pytest_collection_finish(session):
+    """Collection imported PyTorch, transformers, pandas and the rest (some 800,000 objects): out of the cyclic garbage
+    collector's reach from here (`gc.freeze`), so that a test's full collections do not walk them all again."""
+    import gc
+    gc.collect()
+    gc.freeze()
